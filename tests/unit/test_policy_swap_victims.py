@@ -1,0 +1,40 @@
+from xxnode.policy.swap_victims import JobMemory, choose_victims
+
+GB = 1 << 30
+
+
+def J(jid, rank, running, gb, t):
+    return JobMemory(jid, rank, running, int(gb * GB), t)
+
+
+def test_lowest_class_then_waiting_before_running():
+    jobs = [
+        J("low-run", 0, True, 4, 0.0),
+        J("low-wait", 0, False, 1, 1.0),
+        J("mid-wait", 1, False, 8, 2.0),
+    ]
+    got = choose_victims(jobs, 3 * GB, top_rank=2)
+    assert got == [("low-wait", 1 * GB), ("low-run", 2 * GB)]
+
+
+def test_top_class_never_victim_and_shortfall_visible():
+    jobs = [J("top", 2, False, 20, 0.0), J("low", 0, False, 1, 0.0)]
+    got = choose_victims(jobs, 10 * GB, top_rank=2)
+    assert got == [("low", 1 * GB)]
+    assert sum(b for _, b in got) < 10 * GB
+
+
+def test_size_then_age_within_class_and_partial_last():
+    jobs = [
+        J("small", 0, False, 1, 5.0),
+        J("big-old", 0, False, 3, 1.0),
+        J("big-new", 0, False, 3, 2.0),
+    ]
+    got = choose_victims(jobs, 4 * GB, top_rank=3)
+    assert got == [("big-new", 3 * GB), ("big-old", 1 * GB)]
+
+
+def test_nothing_needed_or_nothing_resident():
+    jobs = [J("a", 0, False, 0, 0.0)]
+    assert choose_victims(jobs, 0, top_rank=1) == []
+    assert choose_victims(jobs, GB, top_rank=1) == []

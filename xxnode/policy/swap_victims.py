@@ -1,0 +1,61 @@
+"""Class-based swap victim choice (paper §3.2, "class-based swapping").
+
+Under memory pressure the node pushes memory of the *lowest* classes to swap.
+Priority scheduling is what makes this cheap: a low-class job will not run until
+every higher job on the machine is done, so its pages will not be touched soon.
+The order below follows that argument:
+
+1. lowest class first -- it runs last;
+2. within a class, jobs that are not running (preempted or waiting) before
+   running ones -- a running job would fault its pages straight back in;
+3. then largest resident set first -- fewest jobs disturbed per byte reclaimed;
+4. then most recently started first -- FIFO within a class means it runs last.
+
+The top class is never a victim: its jobs were promised the machine.
+Only as much as needed is taken: the last victim gives a partial amount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class JobMemory:
+    """What the victim choice needs to know about one job on the machine."""
+
+    job_id: str
+    rank: int  # higher = higher price class
+    running: bool  # holds a core right now
+    resident_bytes: int  # memory still in RAM (already swapped bytes excluded)
+    started_at: float  # when the job arrived on the machine
+
+
+def victim_order_key(j: JobMemory) -> tuple[int, bool, int, float]:
+    """Sort key: earlier in the order = swapped first."""
+    return (j.rank, j.running, -j.resident_bytes, -j.started_at)
+
+
+def choose_victims(
+    jobs: Sequence[JobMemory], need_bytes: int, top_rank: int
+) -> list[tuple[str, int]]:
+    """Pick (job_id, bytes_to_reclaim) pairs that together free ``need_bytes``.
+
+    Jobs with ``rank >= top_rank`` are never chosen.  If the eligible jobs hold
+    less than ``need_bytes`` they are all returned in full; the caller sees the
+    shortfall from the sum.  ``need_bytes <= 0`` -> no victims.
+    """
+    if need_bytes <= 0:
+        return []
+    eligible = [j for j in jobs if j.rank < top_rank and j.resident_bytes > 0]
+    eligible.sort(key=victim_order_key)
+    out: list[tuple[str, int]] = []
+    left = need_bytes
+    for j in eligible:
+        take = min(j.resident_bytes, left)
+        out.append((j.job_id, take))
+        left -= take
+        if left <= 0:
+            break
+    return out
