@@ -37,6 +37,15 @@ class NodeQueue:
         q[job_id] = now
         self._where[job_id] = cls
 
+    def push_front(self, job_id: str, cls: str, now: float) -> None:
+        """Put a *preempted* job at the head of its class, as SCHED_FIFO does.
+
+        A preempted job has already waited its turn; sending it to the tail would
+        let later arrivals of the same class overtake it.
+        """
+        self.push(job_id, cls, now)
+        self._queues[cls].move_to_end(job_id, last=False)
+
     def peek_next(self) -> tuple[str, str] | None:
         """The (job_id, cls) that ``pop_next`` would return, without removing it."""
         for cls, q in self._queues.items():
