@@ -215,7 +215,9 @@ def run(cfg: Config) -> Result:
                     m.swapped_now += nbytes
                     swap_class[v.rank] += nbytes
                     used -= nbytes
-            m.free_mem = cap - used
+            # Swapped-out memory is demand that comes back when its job runs: a machine
+            # holding it is not idle, or the idle list would steer new jobs onto it.
+            m.free_mem = cap - used - m.swapped_now
             if use_idle:
                 dispatcher(m)
             if want_sample:
