@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up what is missing.
+VENV := .venv
+PY   := $(VENV)/bin/python
+PYTEST_VM_FLAGS := -q -p no:cacheprovider
+
+.PHONY: setup demo test lint test-host test-vm clean
+
+setup:
+	@tools/setup
+
+demo: setup
+	@$(VENV)/bin/xxctl doctor
+
+test: setup lint test-host test-vm
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Unit (pure) and host (real processes on this kernel) lanes.
+test-host: setup
+	$(PY) -m pytest tests/unit tests/host
+
+# The real-kernel lane: one VM boot runs the whole of tests/vm.
+test-vm: setup
+	vm/run --memory 2G --cpus 2 --swap 1G -- python -m pytest $(PYTEST_VM_FLAGS) tests/vm
+
+clean:
+	rm -rf vm/.cache build *.egg-info
+	-$(MAKE) -s -C ebpf clean 2>/dev/null
