@@ -64,6 +64,8 @@ def test_limited_memory_swaps_only_lower_classes():
     assert sum(per_class.values()) > 0
     assert sum(mem["swap_out_gb_per_machine"]) == pytest.approx(sum(per_class.values()))
     assert mem["samples"] and all(0 <= u for _, us, _ in mem["samples"] for u in us)
+    again = simulate(cfg).extra["memory"]
+    assert again["swap_out_gb_per_machine"] == mem["swap_out_gb_per_machine"]
 
 
 def test_shard_queue_with_place_time_uses_head_policy():

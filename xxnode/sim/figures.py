@@ -227,13 +227,14 @@ def fig5(out: Path, quick: bool, seed: int = 1, log=print) -> dict[str, Any]:
 
 def _fig5_summary(ts, bands, swap_rate, per_m, mem, names, step, loads) -> dict[str, Any]:
     spread = {}
-    for k, ld in enumerate(loads):  # mean p90-p10 and max-min spread in the 2nd half of each step
+    for k, ld in enumerate(loads):  # averages over the 2nd half of each load step
         idx = [i for i, t in enumerate(ts) if step * (k + 0.5) <= t < step * (k + 1)]
         if idx:
             spread[f"{ld:.2f}"] = {
                 "util_p50": sum(bands[i][2] for i in idx) / len(idx),
                 "p90_minus_p10": sum(bands[i][3] - bands[i][1] for i in idx) / len(idx),
                 "max_minus_min": sum(bands[i][4] - bands[i][0] for i in idx) / len(idx),
+                "swap_out_gb_per_s": sum(swap_rate[i] for i in idx) / len(idx),
             }
     first = next((i for i, r in enumerate(swap_rate) if r > 0), None)
     tot = sum(per_m)

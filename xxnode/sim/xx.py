@@ -72,7 +72,7 @@ class Machine:
         self.running = []
         self.q = NodeQueue(ranks)
         self.njobs = 0  # running + waiting: what a probe reports
-        self.jobs = set()  # every job on the machine (memory mode only)
+        self.jobs = {}  # every job on the machine, insertion-ordered (memory mode only)
         self.listing = None  # dispatcher.Listing while on a shard's idle list
         self.free_mem = cap
         self.swap_out = 0.0
@@ -131,7 +131,7 @@ def run(cfg: Config) -> Result:
         j.m = m
         m.njobs += 1
         if mem_mode:
-            m.jobs.add(j)
+            m.jobs[j] = None
         if m.free:
             m.free -= 1
             start(j, m, now)
@@ -204,7 +204,9 @@ def run(cfg: Config) -> Result:
                 if m.first_swap_util is None:
                     m.first_swap_util = used / cap
                 jm = [
-                    JobMemory(j.id, j.rank, j.seg >= 0, int(footprint(j, now) - j.swapped), j.seg)
+                    JobMemory(
+                        j.id, j.rank, j.seg >= 0, int(footprint(j, now) - j.swapped), j.arrival
+                    )
                     for j in m.jobs
                 ]
                 byid = {j.id: j for j in m.jobs}
@@ -270,7 +272,7 @@ def run(cfg: Config) -> Result:
             m.running.remove(j)
             m.njobs -= 1
             if mem_mode:
-                m.jobs.discard(j)
+                del m.jobs[j]
             j.seg = -1.0
             if j.meas:
                 r = now - j.arrival
