@@ -1,0 +1,58 @@
+"""The node's durable journal: one JSON object per line, appended, never rewritten.
+
+Records ("ev"):
+  accepted  {job, t, class, spec}            fsync'd before the client hears "accepted"
+  started   {job, t, pid, shim_pid}          not fsync'd: the state dir's shim file decides
+  kill      {job, t, reason}                 fsync'd before cgroup.kill, so the reason survives
+  finished  {job, t, result}                 fsync'd; billing reads these (result has class,
+                                             cpu_ms, price and charge)
+A torn last line (crash mid-write) is skipped on replay and the next append starts a new line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("xxnode")
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = os.fstat(self._fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self._fd, b"\n")  # seal a torn record
+
+    def append(self, rec: dict, sync: bool = False) -> None:
+        os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        if sync:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    @staticmethod
+    def replay(path: Path) -> Iterator[dict]:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    log.warning("journal %s line %d: unreadable record skipped", path, n)
+                    continue
+                if isinstance(rec, dict) and "ev" in rec and "job" in rec:
+                    yield rec
