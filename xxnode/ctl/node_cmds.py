@@ -45,13 +45,16 @@ def register(sub) -> None:
     p.add_argument("job", metavar="JOB")
 
 
-def _guard(func, args) -> int:
-    from xxnode.ctl.main import UsageError
+class _Refused(Exception):
+    """A mistake of ours or a refusal by the daemon: one line on stderr, exit 2."""
 
+
+def _guard(func, args) -> int:
     try:
         return func(args)
-    except DaemonError as e:
-        raise UsageError(f"{args.command}: {e}") from None
+    except (DaemonError, _Refused) as e:
+        print(f"xxctl {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 def _emit_json(obj) -> None:
@@ -192,16 +195,14 @@ def _exit_status(res: dict) -> int:
 
 
 def cmd_run(args) -> int:
-    from xxnode.ctl.main import UsageError
-
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     if not cmd:
-        raise UsageError("run: no command given (xxctl run --class C -- CMD [ARGS...])")
+        raise _Refused("no command given (xxctl run --class C -- CMD [ARGS...])")
     env = {}
     for kv in args.env:
         k, sep, v = kv.partition("=")
         if not sep or not k:
-            raise UsageError(f"run: --env {kv!r}: expected K=V")
+            raise _Refused(f"--env {kv!r}: expected K=V")
         env[k] = v
     req = {"op": "run", "class": args.cls, "argv": cmd, "env": env, "wait": not args.detach}
     if args.cwd:
@@ -212,12 +213,18 @@ def cmd_run(args) -> int:
         try:
             data = sys.stdin.buffer.read() if args.stdin == "-" else open(args.stdin, "rb").read()
         except OSError as e:
-            raise UsageError(f"run: --stdin {args.stdin}: {e.strerror}") from None
+            raise _Refused(f"--stdin {args.stdin}: {e.strerror}") from None
         req["stdin"] = base64.b64encode(data).decode()
     c = Client(args.socket, timeout=None)
     try:
         accepted = c.call(req)
         jid = accepted["job"]
+        if not args.detach:  # like systemd-run's "Running as unit": the job is durable now
+            print(
+                f"xxctl: job {jid} accepted ({accepted['class']}, {accepted['state']})",
+                file=sys.stderr,
+                flush=True,
+            )
         if args.detach:
             if args.json:
                 _emit_json({k: accepted[k] for k in ("job", "class", "state", "pid")})

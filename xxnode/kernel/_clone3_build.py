@@ -423,6 +423,9 @@ static int shim_main(void *p)
     r = RS3(SYS_sched_setscheduler, 0, a->shim_policy, &sp);
     if (r < 0) return shim_report(report, 0, XX_STAGE_SHIM_SCHED, r, 0), 3;
 
+    /* orphans of the job are reparented to S, not to init: S reaps them, so once S has
+       written its record nothing of the job is left, not even a zombie */
+    RS5(SYS_prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     int64_t start = now_ns(CLOCK_REALTIME), mono_start = now_ns(CLOCK_MONOTONIC);
     int jpidfd = -1;
     struct clone_args ca;
@@ -488,6 +491,11 @@ static int shim_main(void *p)
     if (ro.in >= 0) RS1(SYS_close, ro.in);
     if (re.in >= 0) RS1(SYS_close, re.in);
     if (jpid > 0 && job_alive) { RS4(SYS_wait4, jpid, &status, 0, &ru); end = now_ns(CLOCK_REALTIME); }
+    if (jpid > 0) {
+        int st2;
+        cgroup_kill(cgfd);
+        while (RS4(SYS_wait4, -1, &st2, __WALL, 0) != -ECHILD) {}
+    }
 
     char rec[1024]; int len = 0;
     const char *hdr = "xx_exit 1\n";

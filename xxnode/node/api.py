@@ -33,8 +33,9 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
 
 
 class Api:
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, on_ready=None):
         self.node = node
+        self.on_ready = on_ready
 
     async def serve(self) -> None:
         path = self.node.cfg.socket
@@ -48,6 +49,8 @@ class Api:
             os.umask(old)
         os.chmod(path, 0o600)
         log.info("listening on %s", path)
+        if self.on_ready:
+            self.on_ready()
         try:
             async with server:
                 await server.serve_forever()

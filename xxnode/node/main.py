@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 
 from xxnode import config
@@ -26,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="TOML config file (default: $XX_CONFIG or built-in)")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="FD",
+        help="write 'READY\\n' to FD once serving, then close it",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
-        task = loop.create_task(Api(n).serve())
+        task = loop.create_task(Api(n, on_ready=lambda: _ready(args.ready_fd)).serve())
         done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # raise what stopped the server
@@ -74,6 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.close()
     return 0
+
+
+def _ready(fd: int | None) -> None:
+    """Tell whoever started us that the socket is up: --ready-fd, and systemd (Type=notify)."""
+    if fd is not None:
+        try:
+            os.write(fd, b"READY\n")
+            os.close(fd)
+        except OSError:
+            pass
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if addr:
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            try:
+                s.sendto(b"READY=1", addr)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":
