@@ -373,3 +373,57 @@ def test_bad_config_names_the_key(tmp_path):
     )
     assert r.returncode == 2
     assert "class[0](a).priority: must be 1..98, got 200" in r.stderr
+
+
+def test_clone_into_a_killed_cgroup_is_detected(tmp_path):
+    """On 6.14+ kernels a CLONE_INTO_CGROUP child whose target cgroup was cgroup.kill'ed
+    (kill_seq differs from the parent's cgroup) is SIGKILLed at birth. The shim tells this
+    apart from any failure of the job itself, and never lets it pass as a job's result."""
+    from xxnode.kernel.cgroup import root
+
+    base = root().create(f"xxtest-killseq-{os.getpid()}")
+    try:
+        leaf = base.create("job")
+        leaf.kill()  # empty, but its kill_seq moves on
+        jd = tmp_path / "job"
+        jd.mkdir()
+        req = clone3.SpawnRequest(
+            path="/bin/true",
+            argv=["true"],
+            env={},
+            job_cgroup=leaf.path,
+            job_dir=jd,
+            job_policy=os.SCHED_OTHER,
+            job_priority=0,
+            shim_policy=os.SCHED_OTHER,
+            shim_priority=0,
+        )
+        try:
+            sp = clone3.spawn(req)
+        except clone3.SpawnError as e:
+            assert e.stage in clone3.STAGES_KILLED_AT_BIRTH
+            sp = e.spawned
+        else:  # a kernel without the kill_seq check: the job simply ran
+            pass
+        os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+        os.close(sp.shim_pidfd)
+        sp.release()
+        rec = clone3.read_exit(jd)
+        assert rec["fail_stage"] in (0, 15)
+        assert (rec["fail_stage"] == 0) == (rec["wait_status"] == 0)
+    finally:
+        base.remove_tree()
+
+
+def test_daemon_recovers_from_a_killed_shim_cgroup(daemon):
+    """Someone cgroup.kill's the (empty) shims cgroup: the next job fails at birth with the
+    reason, the daemon moves its shims to a fresh cgroup, and later jobs run."""
+    shims = [c for c in Cgroup(daemon.cgroup.path).children() if c.path.name.startswith("_shims")]
+    assert len(shims) == 1
+    shims[0].kill()
+    first = daemon.run("high", ["true"])["result"]
+    if first["state"] == "start_failed":
+        assert "killed at birth" in first["reason"] or "SIGKILLed" in first["reason"]
+    else:
+        assert first["state"] == "succeeded"  # kernel without the kill_seq check
+    assert daemon.run("high", ["true"])["result"]["state"] == "succeeded"

@@ -54,6 +54,7 @@ struct xx_spawn {
     int j_err;
     int fail_stage;
     int fail_errno;
+    int j_started;
 };
 
 struct xx_report {
@@ -83,6 +84,8 @@ int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report 
 #define XX_STAGE_CHDIR ...
 #define XX_STAGE_EXEC ...
 #define XX_STAGE_CLONE_SHIM ...
+#define XX_STAGE_JOB_KILLED_AT_BIRTH ...
+#define XX_STAGE_SHIM_KILLED ...
 """
 
 SOURCE = r"""
@@ -134,6 +137,8 @@ SOURCE = r"""
 #define XX_STAGE_CHDIR 12
 #define XX_STAGE_EXEC 13
 #define XX_STAGE_CLONE_SHIM 14
+#define XX_STAGE_JOB_KILLED_AT_BIRTH 15
+#define XX_STAGE_SHIM_KILLED 16
 
 struct xx_spawn {
     int shim_cgroup_fd;   /* CLONE_INTO_CGROUP target for S, -1: the caller's cgroup */
@@ -162,6 +167,7 @@ struct xx_spawn {
     int j_err;
     int fail_stage;
     int fail_errno;
+    int j_started;
 };
 
 struct xx_report {
@@ -302,6 +308,7 @@ static int job_main(void *p)
 {
     struct xx_spawn *a = p;
     long r;
+    a->j_started = 1;  /* S tells "never ran" (SIGKILL at birth) from any later failure */
     struct sched_param sp;
     sp.sched_priority = a->job_prio;
     /* policy first, while root: after setuid with RLIMIT_RTPRIO 0 it could only be lowered */
@@ -442,7 +449,12 @@ static int shim_main(void *p)
         a->fail_stage = XX_STAGE_CLONE_JOB;
         a->fail_errno = (int)-jpid;
     }
-    /* J has exec'd or died (CLONE_VFORK): its failure, if any, is in a->fail_* */
+    /* J has exec'd or died (CLONE_VFORK): its failure, if any, is in a->fail_*. A child
+       that never reached job_main was SIGKILLed at birth: since 6.14 (and stable
+       backports) a CLONE_INTO_CGROUP child is killed when the target cgroup's kill_seq
+       differs from that of the parent's own cgroup, i.e. whenever either was ever
+       cgroup.kill'ed. The daemon then moves the shims to a fresh cgroup. */
+    if (jpid > 0 && !a->j_started && !a->fail_stage) a->fail_stage = XX_STAGE_JOB_KILLED_AT_BIRTH;
     int fail_stage = a->fail_stage, fail_errno = a->fail_errno;
     RS1(SYS_close, outp[1]);
     RS1(SYS_close, errp[1]);
@@ -532,6 +544,7 @@ int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report 
     a->job_stack = (char *)block + STACK_GUARD;
     a->fail_stage = 0;
     a->fail_errno = 0;
+    a->j_started = 0;
     struct clone_args ca;
     zero(&ca, sizeof ca);
     *shim_pidfd = -1;
@@ -561,9 +574,9 @@ int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report 
         got += n;
     }
     RS1(SYS_close, a->report_rd);
-    if (got != (long)sizeof *rep) {  /* S died before reporting */
+    if (got != (long)sizeof *rep) {  /* S died before reporting: only SIGKILL can do that */
         rep->shim_pid = (int32_t)pid;
-        rep->stage = XX_STAGE_SHIM_SETUP;
+        rep->stage = XX_STAGE_SHIM_KILLED;
         rep->err = 0;
     }
     return (int)pid;

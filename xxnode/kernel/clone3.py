@@ -59,8 +59,11 @@ STAGES = {
     12: "chdir",
     13: "execve",
     14: "clone3 of the shim",
+    15: "job SIGKILLed at birth (cgroup kill_seq mismatch: a cgroup.kill'ed cgroup)",
+    16: "shim SIGKILLed before it reported",
 }
 STAGE_CLAIM = 1
+STAGES_KILLED_AT_BIRTH = (15, 16)
 
 SHIM_FILE = "shim"
 EXIT_FILE = "exit"
@@ -201,6 +204,11 @@ def spawn(req: SpawnRequest) -> Spawned:
     if pid < 0:
         lib.xx_stack_free(block)
         raise SpawnError(rep.stage, rep.err)
+    if rep.stage == 16:  # the shim is dead already (SIGKILL): reap it here
+        os.waitid(os.P_PIDFD, pidfd[0], os.WEXITED)
+        os.close(pidfd[0])
+        lib.xx_stack_free(block)
+        raise SpawnError(rep.stage, rep.err, pid)
     if rep.stage != 0 or rep.job_pid <= 0:
         # The shim exits by itself; the caller must reap it and then free the block, so we
         # hand both over in the error rather than block here.

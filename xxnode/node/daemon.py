@@ -6,7 +6,7 @@ The kernel enforces, the daemon decides: once launched, a job's priority, cgroup
 
 Cgroup layout under the root it owns:
 
-    <root>/_shims            every job's shim (not billed to the job)
+    <root>/_shims-<ns>       every job's shim (not billed to the job); fresh per daemon run
     <root>/<class>/<job>     one leaf per job; controllers enabled down to it
 """
 
@@ -66,6 +66,7 @@ class Node:
         self._setup_cgroups()
         if clone3.available():
             raise StartupError(clone3.available())
+        self.self_test()
 
     def _setup_sched(self) -> None:
         prio = self.cfg.daemon_priority
@@ -144,7 +145,7 @@ class Node:
             for c in self.classes:
                 cg = self.root.create(c.name)
                 cg.enable(self.enabled)
-            self.shims = self.root.create(SHIMS)
+            self._rotate_shims()
         except CgroupError as e:
             raise StartupError(f"cgroup setup under {self.root.path}: {e}") from None
         missing = [c for c in ALL_CONTROLLERS if c not in self.enabled]
@@ -157,6 +158,68 @@ class Node:
                 + ("; no memory.peak" if "memory" in missing else "")
                 + ")"
             )
+
+    def _rotate_shims(self) -> None:
+        """Shims live in a cgroup created for this daemon run: a CLONE_INTO_CGROUP child dies
+        at birth if its parent's cgroup and the target differ in kill_seq (6.14+, see
+        _clone3_build.py), and a fresh cgroup has never been killed. Empty ones of earlier
+        runs go; those still holding adopted shims stay until they empty."""
+        self.shims = self.root.create(f"{SHIMS}-{time.time_ns()}")
+        self._remove_old_shims()
+
+    def _remove_old_shims(self) -> None:
+        for cg in self.root.children():
+            if cg.path.name.startswith(SHIMS) and cg.path != self.shims.path:
+                try:
+                    cg.remove()
+                except CgroupError:
+                    pass  # adopted shims still in it
+
+    def self_test(self) -> None:
+        """Launch /bin/true through the whole path once, so a host where jobs cannot start
+        (SCHED_FIFO refused in the leaf, children killed at birth, ...) fails at start with
+        the reason instead of failing every job."""
+        leaf = self.root.child(self.classes[0].name).create(f"selftest-{os.getpid()}")
+        jd = self.cfg.state_dir / f"selftest-{os.getpid()}"
+        shutil.rmtree(jd, ignore_errors=True)
+        jd.mkdir()
+        c = self.classes[0]
+        shim_policy, shim_prio = c.shim_sched
+        req = clone3.SpawnRequest(
+            path="/bin/true",
+            argv=["true"],
+            env={},
+            job_cgroup=leaf.path,
+            job_dir=jd,
+            job_policy=c.sched_policy,
+            job_priority=c.priority,
+            shim_policy=shim_policy,
+            shim_priority=shim_prio,
+            user=clone3.User(self.cfg.uid, self.cfg.gid, self.cfg.groups),
+            shim_cgroup=self.shims.path,
+        )
+        try:
+            try:
+                sp = clone3.spawn(req)
+            except clone3.SpawnError as e:
+                sp = getattr(e, "spawned", None)
+                if sp is not None:
+                    os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+                    os.close(sp.shim_pidfd)
+                    sp.release()
+                raise StartupError(
+                    f"self-test launch of /bin/true as {c.name} ({c.sched_text()}) failed: {e}"
+                ) from None
+            os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+            os.close(sp.shim_pidfd)
+            sp.release()
+            rec = clone3.read_exit(jd) or {}
+            if rec.get("wait_status", -1) != 0:
+                raise StartupError(f"self-test launch of /bin/true exited with status {rec}")
+        finally:
+            shutil.rmtree(jd, ignore_errors=True)
+            self.watcher.wait(leaf, UNPOPULATE_GRACE_S)
+            leaf.remove()
 
     # -- recovery ------------------------------------------------------------------------
     def recover(self) -> None:
@@ -374,6 +437,9 @@ class Node:
             sp = clone3.spawn(req)
         except clone3.SpawnError as e:
             sp = getattr(e, "spawned", None)
+            if e.stage in clone3.STAGES_KILLED_AT_BIRTH:
+                log.warning("job %s: %s; moving shims to a fresh cgroup", job.id, e)
+                self._rotate_shims()
             if sp is None:
                 self._finish_now(job, "start_failed", str(e))
                 return
@@ -440,6 +506,8 @@ class Node:
         for name in (clone3.SHIM_FILE, clone3.EXIT_FILE):
             with _suppress_enoent():
                 (jd / name).unlink()
+        if not job.is_child:
+            self._remove_old_shims()  # an adopted shim gone: its old cgroup may be empty now
         self.dispatch()
 
     async def _wait_empty(self, leaf: Cgroup) -> None:
