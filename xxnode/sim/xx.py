@@ -107,6 +107,7 @@ def run(cfg: Config) -> Result:
     events = 0
     resp, slow = res.response, res.slowdown
     swap_class = [0.0] * len(names)
+    swap_running = [0.0]  # bytes taken from jobs holding a core (they fault straight back)
     samples: list = []  # (t, [util per machine], [swap_out per machine])
 
     def njobs_of(i):
@@ -216,6 +217,8 @@ def run(cfg: Config) -> Result:
                     m.swap_out += nbytes
                     m.swapped_now += nbytes
                     swap_class[v.rank] += nbytes
+                    if v.seg >= 0:
+                        swap_running[0] += nbytes
                     used -= nbytes
             # Swapped-out memory is demand that comes back when its job runs: a machine
             # holding it is not idle, or the idle list would steer new jobs onto it.
@@ -309,6 +312,7 @@ def run(cfg: Config) -> Result:
             "swap_out_gb_per_machine": [m.swap_out / GB for m in machines],
             "swap_in_gb_per_machine": [m.swap_in / GB for m in machines],
             "swap_out_gb_per_class": {n: swap_class[i] / GB for i, n in enumerate(names)},
+            "swap_out_gb_from_running": swap_running[0] / GB,
             "first_swap_util": [m.first_swap_util for m in machines],
             "samples": samples,
         }
