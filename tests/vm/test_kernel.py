@@ -79,8 +79,11 @@ def test_higher_fifo_priority_takes_the_cpu_from_a_lower_one():
         u1 = [g.cpu_stat()["usage_usec"] for g in groups]
         wall = (time.monotonic() - t0) * 1e6
     finally:
+        # Kill both before reaping either: a SIGKILLed FIFO task still needs the CPU to die,
+        # and the low one never gets it while the high one spins.
         for p in procs:
             p.kill()
+        for p in procs:
             p.wait()
         for g in groups:
             g.remove()
