@@ -5,7 +5,7 @@
  * One CO-RE object for every kernel we run on (Debian 6.1 in the VM lane, 6.18 on the build
  * hosts). Only tp_btf and fexit programs: their context is the tracepoint's or function's
  * argument list from the running kernel's BTF, so we never name a trace_event_raw_* context
- * struct (those differ: trace_event_raw_exceptions vs trace_event_raw_x86_exceptions). Every
+ * struct (those differ: trace_event_raw_x86_exceptions in 6.1, _exceptions in 6.18). Every
  * struct field is read with CO-RE relocations.
  *
  * Hooks (see docs/ebpf.md):
