@@ -127,6 +127,8 @@ def test_counters_struct_matches_memwatch_h():
     body = re.search(r"struct memwatch_counters \{(.*?)\n\};", text, re.S).group(1)
     c_fields = re.findall(r"__u64\s+(\w+);", body)
     assert tuple(c_fields) == bpf.FIELDS
+    assert f"#define MEMWATCH_MAX_CGROUPS {bpf.MAX_CGROUPS}\n" in text
+    assert f"#define MEMWATCH_UNATTRIBUTED {bpf.UNATTRIBUTED}\n" in text
     assert set(bpf.FIELDS) == {c for cs in bpf.HOOK_COUNTERS.values() for c in cs}
 
 

@@ -34,6 +34,7 @@ DEFAULT_OBJECT = Path(os.environ.get("XX_BPF_OBJECT", REPO / "ebpf" / "memwatch.
 
 COUNTERS_MAP = "counters"
 UNATTRIBUTED = 0  # MEMWATCH_UNATTRIBUTED in memwatch.h
+MAX_CGROUPS = 16384  # MEMWATCH_MAX_CGROUPS in memwatch.h
 
 
 @dataclass
@@ -231,6 +232,8 @@ class MemWatch:
         mw.attached()          # ["tp_btf/page_fault_user", ...]
         mw.missing             # {"tp_btf/...": "why"}  -- empty when nothing degraded
         mw.read()[Cgroup(p).id].page_faults
+
+    One thread at a time: read() and get() share one lookup buffer.
     """
 
     def __init__(self, L: _Libbpf, obj: _Object, links: dict, missing: dict[str, str]):
@@ -367,7 +370,7 @@ class MemWatch:
         out: dict[int, CgroupCounters] = {}
         prev = ffi.NULL
         # Bounded: a key evicted while we walk restarts the walk from the first key.
-        for _ in range(4 * 16384):
+        for _ in range(4 * MAX_CGROUPS):
             if L.lib.bpf_map_get_next_key(self._fd, prev, nxt) != 0:
                 break
             key[0] = nxt[0]
