@@ -319,6 +319,7 @@ static int job_main(void *p)
     if (r < 0) return job_fail(a, XX_STAGE_RLIMIT, r);
     r = RS5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     if (r < 0) return job_fail(a, XX_STAGE_NO_NEW_PRIVS, r);
+    RS0(SYS_setsid);  /* its own session: no terminal, its own autogroup, not the daemon's */
     /* CPython ignores SIGPIPE/SIGXFSZ; a job expects defaults and an empty mask */
     struct { void *h; unsigned long flags; void *restorer; uint64_t mask; } sa;
     zero(&sa, sizeof sa);
