@@ -1,0 +1,691 @@
+"""XX's UDP protocol: message formats, authentication, replay defence, retransmission and
+large-payload transfer.  See docs/cluster.md for the layout and the guarantees.
+
+Datagram (big-endian)::
+
+    0   'X' 'X'          magic
+    2   u8  version      VERSION; anything else is dropped (BadVersion)
+    3   u8  type         message type (TYPES)
+    4   u64 sender       random per process incarnation
+    12  u64 seq          per-sender, new for every datagram (retransmits too)
+    20  u64 ts_ms        sender's wall clock
+    28  u64 rid          request id (0: not a request)
+    36  u64 reply_to     rid this answers (0: not a reply)
+    44  body             the type's fields, packed by its schema; no trailing bytes
+    -16 mac              HMAC-SHA256(cluster key, everything before)[:16]
+
+Why each defence: the MAC (checked first, before any state is touched) makes forged or
+bit-flipped datagrams harmless; ``seq`` + ``ts_ms`` make replays harmless -- a receiver
+keeps, per sender, the seqs seen inside the acceptance window, and anything older than
+the window is refused by its timestamp, so the per-sender memory can be forgotten.  A
+retransmission is therefore a *new* datagram carrying the same ``rid``; receivers dedupe
+requests by (sender, rid) and answer a repeat with the cached reply (idempotent).
+
+Every failure to decode is a subclass of ``WireError``, counted by reason in
+``Codec.dropped``; nothing else escapes ``Codec.decode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import random
+import struct
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAGIC = b"XX"
+VERSION = 1
+HEADER = struct.Struct(">2sBBQQQQQ")
+MAC_LEN = 16
+MAX_DATAGRAM = 9216  # largest datagram accepted; bigger inputs go as fragments
+CHUNK = 1200  # fragment data per datagram: fits a 1500-byte MTU path with our headers
+INLINE_MAX = 1024  # payloads up to this ride inside SUBMIT/PLACE
+MAX_PAYLOAD = 6 * 1024 * 1024  # a job's input, as AWS Lambda allows
+WINDOW_S = 30.0  # replay window: datagrams older/newer than this are refused
+REPLAY_SEQS = 8192  # per sender: seqs remembered behind the highest seen
+MAX_SENDERS = 65536
+
+
+class WireError(Exception):
+    """A datagram we refuse; ``reason`` names the counter it is counted under."""
+
+    reason = "malformed"
+
+
+class Truncated(WireError):
+    reason = "truncated"
+
+
+class Oversized(WireError):
+    reason = "oversized"
+
+
+class BadMagic(WireError):
+    reason = "bad_magic"
+
+
+class BadVersion(WireError):
+    reason = "bad_version"
+
+
+class BadMac(WireError):
+    reason = "bad_mac"
+
+
+class Replayed(WireError):
+    reason = "replayed"
+
+
+class Stale(WireError):
+    reason = "stale"
+
+
+class UnknownType(WireError):
+    reason = "unknown_type"
+
+
+class Malformed(WireError):
+    reason = "malformed"
+
+
+# --- message schemas -------------------------------------------------------------------
+# Field codes: B u8, i i32, I u32, Q u64, J 16-byte job id, D 32-byte sha256 digest,
+# s str (u16 length), y bytes (u32 length), j JSON object (u32 length).
+
+JOB = "J"
+_SCHEMAS: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {
+    # client -> shard: a new job; payload inline or fetched from the sender by digest
+    "submit": (
+        1,
+        (
+            ("job", "J"),
+            ("cls", "s"),
+            ("arbiter", "s"),
+            ("spec", "j"),
+            ("size", "Q"),
+            ("digest", "D"),
+            ("inline", "y"),
+        ),
+    ),
+    "submit_ack": (2, (("job", "J"), ("ok", "B"), ("reason", "s"))),
+    # shard -> node; ``arbiter`` "" means the shard itself grants the claim
+    "place": (
+        3,
+        (
+            ("job", "J"),
+            ("cls", "s"),
+            ("arbiter", "s"),
+            ("spec", "j"),
+            ("size", "Q"),
+            ("digest", "D"),
+            ("inline", "y"),
+        ),
+    ),
+    "accept": (4, (("job", "J"),)),
+    "refuse": (5, (("job", "J"), ("reason", "s"))),
+    "probe": (6, ()),
+    "probe_reply": (7, (("running", "I"), ("free", "Q"))),
+    "idle_join": (8, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
+    "idle_update": (9, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
+    "idle_leave": (10, (("node", "s"),)),
+    "len_query": (11, ()),
+    "len_reply": (12, (("length", "I"),)),
+    "done": (13, (("job", "J"), ("node", "s"), ("status", "i"), ("result", "j"))),
+    "ack": (14, ()),
+    "fetch": (15, (("digest", "D"), ("first", "I"), ("count", "I"))),
+    "frag": (16, (("digest", "D"), ("index", "I"), ("size", "Q"), ("data", "y"))),
+    "hello": (17, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
+    "claim": (18, (("job", "J"), ("node", "s"))),
+    "grant": (19, (("job", "J"), ("ok", "B"))),
+    "status": (20, (("what", "s"),)),
+    "status_reply": (21, (("data", "j"),)),
+    "node_lost": (22, (("job", "J"), ("node", "s"))),
+    "error": (23, (("reason", "s"),)),
+}
+TYPES: dict[int, str] = {code: name for name, (code, _) in _SCHEMAS.items()}
+
+# Status codes carried in DONE besides a process exit status.
+NODE_LOST = -1000  # the node running it died (declared policy: report, do not retry)
+DENIED = -1001  # the arbiter gave the job to another node; nothing ran here
+FAILED_START = -1002  # the executor could not run it
+
+
+@dataclass(slots=True)
+class Message:
+    kind: str
+    f: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        try:
+            return self.f[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(slots=True, frozen=True)
+class Header:
+    sender: int
+    seq: int
+    ts_ms: int
+    rid: int
+    reply_to: int
+
+
+def _pack_body(kind: str, f: dict) -> bytes:
+    try:
+        code, schema = _SCHEMAS[kind]
+    except KeyError:
+        raise ValueError(f"unknown message kind {kind!r}") from None
+    out = bytearray()
+    for name, t in schema:
+        v = f[name]
+        if t == "B":
+            out += struct.pack(">B", v)
+        elif t == "i":
+            out += struct.pack(">i", v)
+        elif t == "I":
+            out += struct.pack(">I", v)
+        elif t == "Q":
+            out += struct.pack(">Q", v)
+        elif t in "JD":
+            n = 16 if t == "J" else 32
+            if len(v) != n:
+                raise ValueError(f"{kind}.{name}: need {n} bytes")
+            out += v
+        elif t == "s":
+            b = v.encode()
+            out += struct.pack(">H", len(b)) + b
+        elif t in "yj":
+            b = json.dumps(v, separators=(",", ":")).encode() if t == "j" else bytes(v)
+            out += struct.pack(">I", len(b)) + b
+    return bytes(out)
+
+
+def _unpack_body(kind: str, body: bytes) -> dict:
+    schema = _SCHEMAS[kind][1]
+    f: dict = {}
+    p = 0
+    n = len(body)
+    try:
+        for name, t in schema:
+            if t in "BiIQ":
+                size = {"B": 1, "i": 4, "I": 4, "Q": 8}[t]
+                if p + size > n:
+                    raise Truncated(f"{kind}.{name}")
+                (f[name],) = struct.unpack_from(">" + t, body, p)
+                p += size
+            elif t in "JD":
+                size = 16 if t == "J" else 32
+                if p + size > n:
+                    raise Truncated(f"{kind}.{name}")
+                f[name] = body[p : p + size]
+                p += size
+            else:
+                lsize = 2 if t == "s" else 4
+                if p + lsize > n:
+                    raise Truncated(f"{kind}.{name}")
+                (ln,) = struct.unpack_from(">H" if t == "s" else ">I", body, p)
+                p += lsize
+                if p + ln > n:
+                    raise Truncated(f"{kind}.{name}")
+                raw = body[p : p + ln]
+                p += ln
+                if t == "s":
+                    f[name] = raw.decode()
+                elif t == "y":
+                    f[name] = raw
+                else:
+                    v = json.loads(raw)
+                    if not isinstance(v, dict):
+                        raise Malformed(f"{kind}.{name}: not a JSON object")
+                    f[name] = v
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        if isinstance(e, WireError):
+            raise
+        raise Malformed(f"{kind}: {e}") from None
+    except RecursionError:
+        raise Malformed(f"{kind}: JSON nested too deep") from None
+    if p != n:
+        raise Malformed(f"{kind}: {n - p} trailing bytes")
+    return f
+
+
+def load_key(path: str | Path) -> bytes:
+    """The cluster key: a file holding >= 32 hex digits (or >= 16 raw bytes)."""
+    raw = Path(path).read_bytes().strip()
+    try:
+        key = bytes.fromhex(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if len(key) < 16:
+        raise ValueError(f"{path}: cluster key must be at least 16 bytes")
+    return key
+
+
+class Codec:
+    """Encode and authenticate datagrams; decode, verify and replay-check them."""
+
+    def __init__(
+        self,
+        key: bytes,
+        sender: int | None = None,
+        window_s: float = WINDOW_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = key
+        self._mac_proto = hmac.new(key, digestmod=hashlib.sha256)
+        self.sender = sender if sender is not None else random.getrandbits(64) or 1
+        self._seq = 0
+        self.window_ms = int(window_s * 1000)
+        self.clock = clock
+        # sender -> [highest seq, set of seqs within REPLAY_SEQS behind it, last ts_ms]
+        self._seen: OrderedDict[int, list] = OrderedDict()
+        self.dropped: Counter[str] = Counter()
+
+    def _mac(self, data: bytes) -> bytes:
+        m = self._mac_proto.copy()
+        m.update(data)
+        return m.digest()[:MAC_LEN]
+
+    def encode(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
+        code = _SCHEMAS[msg.kind][0]
+        self._seq += 1
+        ts = int(self.clock() * 1000)
+        head = HEADER.pack(MAGIC, VERSION, code, self.sender, self._seq, ts, rid, reply_to)
+        data = head + _pack_body(msg.kind, msg.f)
+        if len(data) + MAC_LEN > MAX_DATAGRAM:
+            raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
+        return data + self._mac(data)
+
+    def decode(self, data: bytes) -> tuple[Header, Message]:
+        """Verify and parse one datagram; raises a WireError (and counts it) if refused."""
+        try:
+            return self._decode(data)
+        except WireError as e:
+            self.dropped[e.reason] += 1
+            raise
+
+    def _decode(self, data: bytes) -> tuple[Header, Message]:
+        n = len(data)
+        if n > MAX_DATAGRAM:
+            raise Oversized(f"{n} bytes")
+        if n < HEADER.size + MAC_LEN:
+            raise Truncated(f"{n} bytes")
+        if data[:2] != MAGIC:
+            raise BadMagic("not an XX datagram")
+        if data[2] != VERSION:
+            raise BadVersion(f"version {data[2]}")
+        body_end = n - MAC_LEN
+        if not hmac.compare_digest(self._mac(data[:body_end]), data[body_end:]):
+            raise BadMac("authentication failed")
+        _, _, code, sender, seq, ts, rid, reply_to = HEADER.unpack_from(data)
+        kind = TYPES.get(code)
+        if kind is None:
+            raise UnknownType(f"type {code}")
+        now = int(self.clock() * 1000)
+        if abs(now - ts) > self.window_ms:
+            raise Stale(f"timestamp {ts} outside window at {now}")
+        f = _unpack_body(kind, data[HEADER.size : body_end])
+        self._check_replay(sender, seq, now)
+        return Header(sender, seq, ts, rid, reply_to), Message(kind, f)
+
+    def _check_replay(self, sender: int, seq: int, now: int) -> None:
+        st = self._seen.get(sender)
+        if st is None:
+            self._expire(now)
+            if len(self._seen) >= MAX_SENDERS:
+                raise Replayed("too many senders inside the window")
+            self._seen[sender] = [seq, {seq}, now]
+            return
+        top, seqs, _ = st
+        if seq in seqs or seq <= top - REPLAY_SEQS:
+            raise Replayed(f"seq {seq} from {sender:#x}")
+        seqs.add(seq)
+        if seq > top:
+            st[0] = seq
+            if len(seqs) > 2 * REPLAY_SEQS:
+                floor = seq - REPLAY_SEQS
+                st[1] = {s for s in seqs if s > floor}
+        st[2] = now
+        self._seen.move_to_end(sender)
+
+    def _expire(self, now: int) -> None:
+        """Forget senders silent for > 2 windows: their old datagrams are Stale anyway."""
+        while self._seen:
+            sender, st = next(iter(self._seen.items()))
+            if now - st[2] <= 2 * self.window_ms:
+                break
+            del self._seen[sender]
+
+
+# --- large payloads --------------------------------------------------------------------
+
+
+def digest(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
+
+
+def fragment_count(size: int, chunk: int = CHUNK) -> int:
+    return (size + chunk - 1) // chunk
+
+
+class Reassembly:
+    """Receiver side of a pulled transfer: fragments in any order, duplicates ignored,
+    the result verified against the digest the job was announced with."""
+
+    def __init__(self, dig: bytes, size: int, chunk: int = CHUNK) -> None:
+        if size > MAX_PAYLOAD:
+            raise Oversized(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
+        self.digest = dig
+        self.size = size
+        self.chunk = chunk
+        self.count = fragment_count(size, chunk)
+        self._parts: dict[int, bytes] = {}
+        self._low = 0  # every index below this has arrived
+
+    def add(self, m: Message) -> None:
+        """Take one FRAG; a fragment that cannot belong to this payload is a WireError."""
+        if m.digest != self.digest or m.size != self.size:
+            raise Malformed("fragment of another payload")
+        if not 0 <= m.index < self.count:
+            raise Malformed(f"fragment index {m.index} of {self.count}")
+        want = min(self.chunk, self.size - m.index * self.chunk)
+        if len(m.data) != want:
+            raise Malformed(f"fragment {m.index}: {len(m.data)} bytes, expected {want}")
+        self._parts.setdefault(m.index, m.data)
+
+    @property
+    def have(self) -> int:
+        return len(self._parts)
+
+    def missing(self, limit: int) -> list[int]:
+        while self._low < self.count and self._low in self._parts:
+            self._low += 1
+        out = []
+        for i in range(self._low, self.count):
+            if i not in self._parts:
+                out.append(i)
+                if len(out) >= limit:
+                    break
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return len(self._parts) == self.count
+
+    def result(self) -> bytes:
+        data = b"".join(self._parts[i] for i in range(self.count))
+        if hashlib.sha256(data).digest() != self.digest:
+            self._parts.clear()  # start over rather than run a job on corrupt input
+            raise Malformed("payload digest mismatch")
+        return data
+
+
+def frag_message(payload: bytes, dig: bytes, index: int, chunk: int = CHUNK) -> Message:
+    return Message(
+        "frag",
+        {
+            "digest": dig,
+            "index": index,
+            "size": len(payload),
+            "data": payload[index * chunk : (index + 1) * chunk],
+        },
+    )
+
+
+# --- the asyncio endpoint --------------------------------------------------------------
+
+Addr = tuple[str, int]
+
+
+def parse_addr(text: str) -> Addr:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def fmt_addr(addr: Addr) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+class Endpoint(asyncio.DatagramProtocol):
+    """One UDP socket: requests retransmitted with backoff until answered, incoming
+    requests deduped by (sender, rid) with their replies cached, payloads served and
+    fetched by digest.  ``handler(hdr, msg, addr)`` returns the reply Message (or None,
+    or a coroutine resolving to one) for each new request or one-way message.
+
+    ``drop`` (0..1) with ``seed`` drops that share of outgoing datagrams: the tests'
+    loss injection.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        handler: Callable | None = None,
+        drop: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.codec = codec
+        self.handler = handler
+        self.transport: asyncio.DatagramTransport | None = None
+        self._rid = random.getrandbits(40)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._replies: OrderedDict[tuple[int, int], tuple[float, bytes | None]] = OrderedDict()
+        self.reply_ttl = 2 * WINDOW_S
+        self.drop = drop
+        self._drop_rng = random.Random(seed)
+        self.payloads: dict[bytes, bytes] = {}  # digest -> payload we serve to FETCH
+        self._fetches: dict[bytes, tuple[Reassembly, asyncio.Event]] = {}
+        self.stats: Counter[str] = Counter()
+
+    # asyncio plumbing
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def error_received(self, exc) -> None:
+        self.stats["socket_errors"] += 1
+
+    @property
+    def addr(self) -> Addr:
+        return self.transport.get_extra_info("sockname")[:2]
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+
+    def _send(self, data: bytes, addr: Addr) -> None:
+        if self.drop and self._drop_rng.random() < self.drop:
+            self.stats["dropped_out"] += 1
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
+
+    def send(self, addr: Addr, msg: Message, reply_to: int = 0) -> None:
+        """Fire and forget (heartbeats, replies, fragments)."""
+        self._send(self.codec.encode(msg, 0, reply_to), addr)
+
+    async def request(
+        self,
+        addr: Addr,
+        msg: Message,
+        timeout: float = 5.0,
+        first_rto: float = 0.05,
+        max_rto: float = 1.0,
+    ) -> Message:
+        """Send until a reply arrives (rto doubling up to max_rto); TimeoutError after
+        ``timeout`` seconds.  The reply is the answering Message."""
+        self._rid += 1
+        rid = self._rid
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        rto = first_rto
+        try:
+            while True:
+                self._send(self.codec.encode(msg, rid), addr)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(f"{msg.kind} to {fmt_addr(addr)}: no answer")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), min(rto, left))
+                except TimeoutError:
+                    self.stats["retransmits"] += 1
+                    rto = min(rto * 2, max_rto)
+        finally:
+            self._pending.pop(rid, None)
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            hdr, msg = self.codec.decode(data)
+        except WireError:
+            return  # counted in codec.dropped
+        addr = addr[:2]
+        if hdr.reply_to:
+            fut = self._pending.get(hdr.reply_to)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif msg.kind == "frag":
+                self._on_frag(msg)
+            return
+        if msg.kind == "fetch":
+            self._serve_fetch(hdr, msg, addr)
+            return
+        if hdr.rid:
+            key = (hdr.sender, hdr.rid)
+            cached = self._replies.get(key)
+            if cached is not None:
+                self.stats["dup_requests"] += 1
+                if cached[1] is not None:
+                    self._send(cached[1], addr)
+                return
+            self._expire_replies()
+            self._replies[key] = (time.monotonic(), None)  # in progress
+        if self.handler is None:
+            return
+        try:
+            out = self.handler(hdr, msg, addr)
+        except Exception:  # a handler bug must not take the daemon down with it
+            self.stats["handler_errors"] += 1
+            self._replies.pop((hdr.sender, hdr.rid), None)
+            return
+        if asyncio.iscoroutine(out):
+            task = asyncio.ensure_future(out)
+            task.add_done_callback(lambda t: self._finish(hdr, addr, t))
+        else:
+            self._reply(hdr, addr, out)
+
+    def _finish(self, hdr: Header, addr: Addr, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            self.stats["handler_errors"] += 1
+            self._replies.pop((hdr.sender, hdr.rid), None)
+            return
+        self._reply(hdr, addr, task.result())
+
+    def _reply(self, hdr: Header, addr: Addr, out: Message | None) -> None:
+        if not hdr.rid:
+            return
+        if out is None:
+            out = Message("ack")
+        data = self.codec.encode(out, 0, hdr.rid)
+        self._replies[(hdr.sender, hdr.rid)] = (time.monotonic(), data)
+        self._send(data, addr)
+
+    def _expire_replies(self) -> None:
+        cutoff = time.monotonic() - self.reply_ttl
+        while self._replies:
+            key, (t, _) = next(iter(self._replies.items()))
+            if t > cutoff:
+                break
+            del self._replies[key]
+
+    # payload transfer: the receiver pulls ranges it lacks (selective repeat)
+    def _serve_fetch(self, hdr: Header, msg: Message, addr: Addr) -> None:
+        payload = self.payloads.get(msg.digest)
+        if payload is None:
+            self._send(
+                self.codec.encode(Message("error", {"reason": "no such payload"}), 0, hdr.rid), addr
+            )
+            return
+        n = fragment_count(len(payload))
+        for i in range(msg.first, min(msg.first + min(msg.count, 256), n)):
+            self._send(self.codec.encode(frag_message(payload, msg.digest, i), 0, hdr.rid), addr)
+
+    def _on_frag(self, msg: Message) -> None:
+        entry = self._fetches.get(msg.digest)
+        if entry is None:
+            return
+        try:
+            entry[0].add(msg)
+        except WireError as e:
+            self.codec.dropped[e.reason] += 1
+            return
+        entry[1].set()
+
+    async def fetch(
+        self, addr: Addr, dig: bytes, size: int, timeout: float = 30.0, window: int = 64
+    ) -> bytes:
+        """Pull a payload of ``size`` bytes by digest from ``addr``: ask for up to
+        ``window`` missing fragments, re-ask for what is still missing after a quiet rto."""
+        r = Reassembly(dig, size)
+        ev = asyncio.Event()
+        self._fetches[dig] = (r, ev)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not r.complete:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"payload from {fmt_addr(addr)}: transfer stalled")
+                miss = r.missing(window)
+                runs: list[list[int]] = []  # contiguous runs of the missing fragments
+                for i in miss:
+                    if runs and runs[-1][0] + runs[-1][1] == i:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([i, 1])
+                for first, count in runs:
+                    self._rid += 1
+                    req = Message("fetch", {"digest": dig, "first": first, "count": count})
+                    self._send(self.codec.encode(req, self._rid), addr)
+                target = r.have + len(miss)
+                try:
+                    while r.have < target and not r.complete:  # collect while they arrive
+                        ev.clear()
+                        await asyncio.wait_for(ev.wait(), 0.05)
+                except TimeoutError:
+                    self.stats["fetch_retries"] += 1
+            return r.result()
+        finally:
+            self._fetches.pop(dig, None)
+
+
+async def open_endpoint(
+    bind: Addr, codec: Codec, handler=None, drop: float = 0.0, seed: int | None = None
+) -> Endpoint:
+    loop = asyncio.get_running_loop()
+    _, ep = await loop.create_datagram_endpoint(
+        lambda: Endpoint(codec, handler, drop, seed), local_addr=bind
+    )
+    return ep
+
+
+def drop_from_env() -> tuple[float, int | None]:
+    """XX_WIRE_DROP=P[:SEED]: drop P of outgoing datagrams (tests' loss injection)."""
+    v = os.environ.get("XX_WIRE_DROP", "")
+    if not v:
+        return 0.0, None
+    p, _, s = v.partition(":")
+    return float(p), (int(s) if s else None)
