@@ -119,7 +119,7 @@ def jobs(cfg: Config, p: Plan) -> Iterator[tuple[float, float, int, float]]:
         if pareto:
             runtime = fn_param[f] * (1.0 - r()) ** -inv_alpha
         else:
-            runtime = -log(1.0 - r()) * fn_param[f]
+            runtime = -log(1.0 - r()) * fn_param[f] or 1e-12  # a 0 draw would break slowdown
         rank = bisect.bisect_right(cum, r() * total_w) if per_job else fn_class[f]
         yield t, runtime, rank, mem_lo + r() * mem_span
         remaining -= 1

@@ -250,8 +250,9 @@ def run(cfg: Config) -> Result:
             jid += 1
             last_arrival = now
             s = int(rng.random() * ns)  # the load balancer in front of the shards
-            if place_time == 0.0:
-                place(j, s, now)  # shard queue would be empty: skip push/pop
+            if place_time == 0.0:  # instant placement: the queue holds only this job
+                shards[s].push(j, j.cls, now)
+                place(shards[s].pop_next(now)[0], s, now)
             else:
                 shards[s].push(j, j.cls, now)
                 if shard_busy[s] is None:
