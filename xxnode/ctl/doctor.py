@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -21,6 +22,7 @@ def run(args) -> int:
             "xxctl doctor: probes create cgroups and set SCHED_FIFO; run as root", file=sys.stderr
         )
         return 2
+    logging.getLogger("xxnode").setLevel(logging.ERROR)  # each probe's detail says it already
     caps = probe_all()
     if args.json:
         print(

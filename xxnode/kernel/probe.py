@@ -271,7 +271,12 @@ class Prober:
         os.close(map_fd)
         prog_fd = _bpf_prog_load_trivial()
         os.close(prog_fd)
-        return True, "bpf(2): created an array map and loaded a program"
+        from xxnode.kernel import bpf  # libbpf via cffi: only imported when bpf(2) works
+
+        if not bpf.DEFAULT_OBJECT.exists():
+            return True, "bpf(2) works; memwatch object not built (make -C ebpf)"
+        ok, detail = bpf.probe()
+        return ok, detail if ok else f"bpf(2) works but memwatch did not attach: {detail}"
 
     def btf(self) -> tuple[bool, str]:
         path = Path("/sys/kernel/btf/vmlinux")

@@ -1,0 +1,86 @@
+"""The memory manager's decisions, on samples built by hand (no kernel)."""
+
+from pathlib import Path
+
+import pytest
+
+from xxnode.classes import ConfigError
+from xxnode.kernel.cgroup import Cgroup
+from xxnode.node.memory import JobSample, MemoryConfig, MemoryManager, Sample
+
+MiB = 1 << 20
+GiB = 1 << 30
+RANKS = {"image": 0, "profile": 1, "home": 2}
+
+
+def manager(**cfg) -> MemoryManager:
+    return MemoryManager(
+        Cgroup(Path("/nonexistent")), RANKS, MemoryConfig(**cfg), jobs=list,
+        memory_controller=True,
+    )  # fmt: skip
+
+
+def job(jid, cls, anon_mib, running=False, started=0.0):
+    return JobSample(jid, cls, RANKS[cls], anon_mib * MiB, 0, 0, anon_mib * MiB, 0, running,
+                     started)  # fmt: skip
+
+
+def sample(available, jobs=()):
+    return Sample(0.0, 10 * GiB, available, 0.0, 0.0, list(jobs))
+
+
+def test_oom_order_follows_class_and_brackets_everything_else():
+    m = manager()
+    adj = {c: m.oom_adj(c) for c in RANKS}
+    assert adj["image"] == 1000  # above any task at the default 0
+    assert adj["home"] == -999  # below every default task, but still killable
+    assert adj["image"] > adj["profile"] > adj["home"]
+
+
+def test_no_reclaim_while_memory_is_above_target():
+    m = manager(target_free_fraction=0.10, low_free_fraction=0.05)
+    assert m.need(sample(2 * GiB), psi_woke=True) == 0
+
+
+def test_psi_below_target_restores_the_target():
+    m = manager(target_free_fraction=0.10, low_free_fraction=0.05)
+    need = m.need(sample(GiB - 200 * MiB), psi_woke=True)
+    assert need == 200 * MiB
+
+
+def test_below_target_without_psi_waits_until_the_low_watermark():
+    m = manager(target_free_fraction=0.10, low_free_fraction=0.05)
+    assert m.need(sample(800 * MiB), psi_woke=False) == 0
+    assert m.need(sample(300 * MiB), psi_woke=False) == GiB - 300 * MiB
+
+
+def test_small_shortfalls_are_rounded_up_to_a_chunk():
+    m = manager(min_chunk=32 * MiB)
+    assert m.need(sample(GiB - MiB), psi_woke=True) == 32 * MiB
+
+
+def test_victims_are_lowest_class_idle_first_and_never_the_top_class():
+    m = manager()
+    s = sample(0, [
+        job("h", "home", 4000),
+        job("p", "profile", 500),
+        job("i-run", "image", 300, running=True),
+        job("i-idle", "image", 200),
+    ])  # fmt: skip
+    chosen = [(j.job_id, n // MiB) for j, n in m.victims(s, 600 * MiB)]
+    assert chosen == [("i-idle", 200), ("i-run", 300), ("p", 100)]
+    everything = m.victims(s, 100 * GiB)
+    assert "h" not in {j.job_id for j, _ in everything}
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"target_free_fraction": 1.5}, "memory.target_free_fraction"),
+        ({"low_free_fraction": 0.2, "target_free_fraction": 0.1}, "memory.low_free_fraction"),
+        ({"swapiness": 3}, "memory.swapiness"),
+    ],
+)
+def test_bad_memory_config_names_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        MemoryConfig.from_dict(raw)
