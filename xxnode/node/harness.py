@@ -70,7 +70,10 @@ max_running = {max_running}
         )
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float | None = None) -> Daemon:
+        # the VM lane imports Python over 9p under TCG: startup there takes tens of seconds
+        if timeout is None:
+            timeout = float(os.environ.get("XX_DAEMON_START_TIMEOUT", "180"))
         rd, wr = os.pipe()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
