@@ -51,6 +51,7 @@ MAX_PAYLOAD = 6 * 1024 * 1024  # a job's input, as AWS Lambda allows
 WINDOW_S = 30.0  # replay window: datagrams older/newer than this are refused
 REPLAY_SEQS = 8192  # per sender: seqs remembered behind the highest seen
 MAX_SENDERS = 65536
+SOCKET_BUF = 8 << 20
 
 
 class WireError(Exception):
@@ -478,7 +479,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._rid = random.getrandbits(40)
         self._pending: dict[int, asyncio.Future] = {}
-        self._replies: OrderedDict[tuple[int, int], tuple[float, bytes | None]] = OrderedDict()
+        self._replies: OrderedDict[tuple[int, int], tuple[float, Message | None]] = OrderedDict()
         self.reply_ttl = 2 * WINDOW_S
         self.drop = drop
         self._drop_rng = random.Random(seed)
@@ -520,7 +521,7 @@ class Endpoint(asyncio.DatagramProtocol):
         addr: Addr,
         msg: Message,
         timeout: float = 5.0,
-        first_rto: float = 0.05,
+        first_rto: float = 0.2,
         max_rto: float = 1.0,
     ) -> Message:
         """Send until a reply arrives (rto doubling up to max_rto); TimeoutError after
@@ -567,8 +568,8 @@ class Endpoint(asyncio.DatagramProtocol):
             cached = self._replies.get(key)
             if cached is not None:
                 self.stats["dup_requests"] += 1
-                if cached[1] is not None:
-                    self._send(cached[1], addr)
+                if cached[1] is not None:  # same answer, new datagram (else: a replay)
+                    self._send(self.codec.encode(cached[1], 0, hdr.rid), addr)
                 return
             self._expire_replies()
             self._replies[key] = (time.monotonic(), None)  # in progress
@@ -600,9 +601,8 @@ class Endpoint(asyncio.DatagramProtocol):
             return
         if out is None:
             out = Message("ack")
-        data = self.codec.encode(out, 0, hdr.rid)
-        self._replies[(hdr.sender, hdr.rid)] = (time.monotonic(), data)
-        self._send(data, addr)
+        self._replies[(hdr.sender, hdr.rid)] = (time.monotonic(), out)
+        self._send(self.codec.encode(out, 0, hdr.rid), addr)
 
     def _expire_replies(self) -> None:
         cutoff = time.monotonic() - self.reply_ttl
@@ -675,9 +675,21 @@ class Endpoint(asyncio.DatagramProtocol):
 async def open_endpoint(
     bind: Addr, codec: Codec, handler=None, drop: float = 0.0, seed: int | None = None
 ) -> Endpoint:
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in bind[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    # asyncio reads one datagram per wakeup, so a burst waits in the kernel: give it room
+    # (the default ~200 KiB holds only a few hundred small datagrams; FORCE needs root)
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUF)  # SO_*BUFFORCE
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF)
+    sock.bind(bind)
+    sock.setblocking(False)
     loop = asyncio.get_running_loop()
     _, ep = await loop.create_datagram_endpoint(
-        lambda: Endpoint(codec, handler, drop, seed), local_addr=bind
+        lambda: Endpoint(codec, handler, drop, seed), sock=sock
     )
     return ep
 

@@ -1,0 +1,239 @@
+"""Submit jobs to XX shards and inspect them.
+
+A waiting client is its jobs' *arbiter*: a node runs a placed job only after CLAIMing
+it here and being granted, and each job id is granted once.  That is what lets the
+client resubmit a job to the next shard when its shard dies, without a job ever
+running twice: a copy placed by the dead shard and a copy placed by the new one race
+for the grant, and the loser runs nothing.  A detached submission (``wait=False``)
+leaves arbitration to the shard, and so depends on that shard staying up.
+
+Declared failure policy: a granted job whose node dies is reported with status
+``wire.NODE_LOST`` and is not retried (it may have had effects); a job that had not
+been granted is simply placed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from xxnode import wire
+from xxnode.wire import Addr, Message
+
+
+class SubmitError(Exception):
+    """The cluster refused the job (the message is the shard's reason) or no shard answered."""
+
+
+@dataclass
+class _Pending:
+    job: bytes
+    cls: str
+    spec: dict
+    payload: bytes
+    shard: int  # index of the shard holding it
+    granted: str | None = None
+    result: dict | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ClusterClient:
+    def __init__(
+        self,
+        shards: list[Addr],
+        key: bytes,
+        drop: float = 0.0,
+        seed: int | None = None,
+        shard_dead_after: float = 1.5,
+        spread: bool = False,
+    ) -> None:
+        if not shards:
+            raise ValueError("need at least one shard")
+        self.shards = list(shards)
+        self.codec = wire.Codec(key)
+        self.drop, self.seed = drop, seed
+        self.shard_dead_after = shard_dead_after
+        self.spread = spread  # round-robin submissions over the shards (a load balancer)
+        self._rr = 0
+        self.ep: wire.Endpoint | None = None
+        self.pending: dict[bytes, _Pending] = {}
+        self._cur = 0
+        self._watch: asyncio.Task | None = None
+        self.failovers = 0
+        self._dead: set[int] = set()  # shards the watchdog found silent
+        self.grants_denied = 0
+
+    async def start(self, bind: Addr = ("127.0.0.1", 0)) -> None:
+        self.ep = await wire.open_endpoint(bind, self.codec, self._handle, self.drop, self.seed)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.ep is not None:
+            self.ep.close()
+
+    async def __aenter__(self) -> ClusterClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # arbitration and results -------------------------------------------------------------
+    def _handle(self, hdr, msg: Message, addr: Addr):
+        p = self.pending.get(msg.job) if "job" in msg.f else None
+        if msg.kind == "claim":
+            if p is None or p.result is not None:
+                return Message("grant", {"job": msg.job, "ok": 0})
+            if p.granted is None:
+                p.granted = msg.node
+            ok = p.granted == msg.node
+            self.grants_denied += not ok
+            return Message("grant", {"job": msg.job, "ok": int(ok)})
+        if msg.kind == "done":
+            if p is not None and p.result is None and msg.status != wire.DENIED:
+                p.result = {"status": msg.status, "node": msg.node, **msg.result}
+                p.done.set()
+            return None
+        if msg.kind == "node_lost":
+            if p is not None and p.result is None and p.granted == msg.node:
+                p.result = {"status": wire.NODE_LOST, "node": msg.node, "error": "node lost"}
+                p.done.set()
+            return None
+        return Message("error", {"reason": f"client does not take {msg.kind}"})
+
+    # submission --------------------------------------------------------------------------
+    async def submit(
+        self,
+        cls: str,
+        spec: dict,
+        payload: bytes = b"",
+        job_id: bytes | None = None,
+        wait: bool = True,
+        timeout: float = 5.0,
+    ) -> bytes:
+        """Hand a job to a shard (failing over along the list); returns its 16-byte id.
+        With ``wait`` the job is tracked for ``result()`` and arbitrated here."""
+        if len(payload) > wire.MAX_PAYLOAD:
+            raise SubmitError(f"input of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}")
+        jid = job_id or uuid.uuid4().bytes
+        p = _Pending(jid, cls, spec, payload, self._cur)
+        if self.spread:
+            self._rr += 1
+            p.shard = self._rr % len(self.shards)
+        if wait:
+            self.pending[jid] = p
+            if self._watch is None:
+                self._watch = asyncio.ensure_future(self._watchdog())
+        try:
+            await self._send_to_some_shard(p, wait, timeout)
+        except SubmitError:
+            self.pending.pop(jid, None)
+            raise
+        return jid
+
+    async def _send_to_some_shard(self, p: _Pending, wait: bool, timeout: float) -> None:
+        dig = wire.digest(p.payload) if p.payload else bytes(32)
+        inline = p.payload if len(p.payload) <= wire.INLINE_MAX else b""
+        if not inline and p.payload:
+            self.ep.payloads[dig] = p.payload  # the shard pulls it
+        msg = Message(
+            "submit",
+            {
+                "job": p.job,
+                "cls": p.cls,
+                "arbiter": "@" if wait else "",
+                "spec": p.spec,
+                "size": len(p.payload),
+                "digest": dig,
+                "inline": inline,
+            },
+        )
+        big = timeout + len(p.payload) / 1e6  # a 6 MB input needs its transfer time
+        last = None
+        try:
+            start = p.shard if self.spread else self._cur
+            for i in range(len(self.shards)):
+                idx = (start + i) % len(self.shards)
+                if self.spread and idx in self._dead and i + 1 < len(self.shards):
+                    continue
+                try:
+                    rep = await self.ep.request(self.shards[idx], msg, timeout=big)
+                except TimeoutError as e:
+                    last = e
+                    continue
+                if rep.kind != "submit_ack":
+                    raise SubmitError(rep.f.get("reason", f"unexpected {rep.kind}"))
+                if not rep.ok:
+                    raise SubmitError(rep.reason)
+                if idx != start:
+                    self.failovers += 1
+                self._cur = idx
+                p.shard = idx
+                return
+        finally:
+            if not wait or p.result is not None:
+                self.ep.payloads.pop(dig, None)
+        raise SubmitError(f"no shard answered ({last})")
+
+    async def result(self, job: bytes, timeout: float | None = None) -> dict:
+        """The job's DONE: {"status", "node", ...the executor's accounting}."""
+        p = self.pending[job]
+        await asyncio.wait_for(p.done.wait(), timeout)
+        self.pending.pop(job, None)
+        if p.payload:
+            self.ep.payloads.pop(wire.digest(p.payload), None)
+        return p.result
+
+    async def run(self, cls: str, spec: dict, payload: bytes = b"", timeout=None) -> dict:
+        return await self.result(await self.submit(cls, spec, payload), timeout)
+
+    async def _watchdog(self) -> None:
+        """Resubmit ungranted jobs of a shard that stopped answering to the next one."""
+        while True:
+            await asyncio.sleep(self.shard_dead_after / 3)
+            held = {p.shard for p in self.pending.values() if p.granted is None and not p.result}
+            for idx in held:
+                try:
+                    await self.ep.request(
+                        self.shards[idx], Message("len_query"), timeout=self.shard_dead_after
+                    )
+                    self._dead.discard(idx)
+                    continue
+                except TimeoutError:
+                    self._dead.add(idx)
+                if self._cur == idx:
+                    self._cur = (idx + 1) % len(self.shards)
+                orphans = [
+                    p
+                    for p in self.pending.values()
+                    if p.shard == idx and p.granted is None and p.result is None
+                ]
+                for p in orphans:
+                    p.shard = (idx + 1) % len(self.shards)
+                    try:
+                        await self._send_to_some_shard(p, True, 5.0)
+                        self.failovers += 1
+                    except SubmitError:
+                        pass  # tried again on the next round
+
+    # inspection --------------------------------------------------------------------------
+    async def status(self, what: str = "shard", timeout: float = 2.0) -> list[dict]:
+        """Each shard's STATUS reply (``what``: shard | idle | nodes); an unreachable shard
+        gives {"addr", "error"}."""
+
+        async def one(a: Addr) -> dict:
+            try:
+                rep = await self.ep.request(a, Message("status", {"what": what}), timeout=timeout)
+                return {"addr": wire.fmt_addr(a), **rep.data}
+            except TimeoutError:
+                return {"addr": wire.fmt_addr(a), "error": "no answer"}
+
+        return list(await asyncio.gather(*(one(a) for a in self.shards)))
+
+
+def key_from_env(path: str | None = None) -> bytes:
+    """The cluster key from ``path``, $XX_CLUSTER_KEY_FILE or /etc/xx/cluster.key."""
+    return wire.load_key(path or os.environ.get("XX_CLUSTER_KEY_FILE") or "/etc/xx/cluster.key")

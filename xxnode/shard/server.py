@@ -1,0 +1,447 @@
+"""The shard: per-class multi-queue, idle list, placement (paper §3.2).
+
+Decisions come from ``xxnode.policy`` (the code the simulator runs); this module is
+the shell around them -- sockets, timers, retransmission, failure handling:
+
+* SUBMIT: dedupe by job id, refuse an unknown class, pull a large payload from the
+  submitter, queue the job in its class, acknowledge.
+* placement: ``MultiQueue.pop_next`` picks the job; the idle list's shortest queue
+  takes it, or else k probed nodes' least loaded.  A REFUSE or a silent node puts
+  the job back in its queue (with its original enqueue time) and the head policy
+  decides when it goes again; a refusing node is skipped for ``refuse_backoff``.
+* a node silent for ``dead_after`` is dead: it leaves the idle list and each of its
+  unfinished jobs is queued again; the job's arbiter is told (NODE_LOST), and since a
+  node only runs a job the arbiter granted to it, a started job is never run twice.
+* CLAIM (when the submitter left arbitration to us): the first node to claim a job
+  gets it; any other is denied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xxnode import wire
+from xxnode.classes import ClassTable
+from xxnode.policy import probe
+from xxnode.policy.idle_list import IdleList
+from xxnode.policy.multiqueue import MultiQueue
+from xxnode.wire import Addr, Message
+
+MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
+KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
+
+
+@dataclass(slots=True)
+class Job:
+    id: bytes
+    cls: str
+    arbiter: str  # "" = this shard arbitrates claims
+    spec: dict
+    size: int
+    digest: bytes
+    inline: bytes
+    t_enq: float
+    state: str = "queued"  # queued | placing | placed
+    node: str | None = None
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class Node:
+    id: str
+    addr: Addr
+    last_seen: float
+    free: int = 0
+    total: int = 0
+    jobs: int = 0
+    placed: set = field(default_factory=set)  # unfinished job ids placed here
+    skip_until: float = 0.0
+
+
+@dataclass
+class ShardParams:
+    probe_k: int = 2
+    head_policy: str = "strict"
+    dead_after: float = 1.5  # seconds of silence before a node is declared dead
+    place_timeout: float = 1.0  # PLACE unanswered this long: the job goes back in queue
+    probe_timeout: float = 0.5
+    refuse_backoff: float = 0.05
+
+
+class Shard:
+    def __init__(
+        self,
+        classes: ClassTable,
+        params: ShardParams | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.classes = classes
+        self.p = params or ShardParams()
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.mq = MultiQueue(classes.ranks(), self.p.head_policy)
+        self.idle = IdleList()
+        self.jobs: dict[bytes, Job] = {}
+        self.nodes: dict[str, Node] = {}
+        self.finished: OrderedDict[bytes, int] = OrderedDict()
+        self.grants: dict[bytes, str] = {}
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("submitted", "placed", "refused", "place_timeouts", "done", "requeued", "nodes_lost"),
+            0,
+        )
+        self.ep: wire.Endpoint | None = None
+        self._wake = asyncio.Event()
+        self._inflight = 0
+        self._probe_quiet_until = 0.0
+        self._tasks: set[asyncio.Task] = set()
+        self.place_latency: list[float] = []  # seconds, submit ack -> node accepted
+        self.record_latency = False
+
+    # lifecycle -------------------------------------------------------------------------
+    async def start(self, bind: Addr, codec: wire.Codec, drop: float = 0.0, seed=None) -> Addr:
+        self.ep = await wire.open_endpoint(bind, codec, self.handle, drop, seed)
+        self._spawn(self._placer())
+        self._spawn(self._monitor())
+        return self.ep.addr
+
+    def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.ep is not None:
+            self.ep.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # message handling ------------------------------------------------------------------
+    def handle(self, hdr: wire.Header, msg: Message, addr: Addr):
+        h = getattr(self, "_on_" + msg.kind, None)
+        if h is None:
+            return Message("error", {"reason": f"shard does not take {msg.kind}"})
+        return h(msg, addr)
+
+    def _on_submit(self, m: Message, addr: Addr):
+        if m.job in self.jobs or m.job in self.finished:
+            return _ack(m.job, True, "duplicate")
+        if self.classes.get(m.cls) is None:
+            return _ack(m.job, False, f"unknown price class {m.cls!r}")
+        if m.size > wire.MAX_PAYLOAD:
+            return _ack(m.job, False, f"input of {m.size} bytes exceeds {wire.MAX_PAYLOAD}")
+        if m.size > len(m.inline):
+            return self._submit_fetch(m, addr)
+        if len(m.inline) != m.size or (m.size and wire.digest(m.inline) != m.digest):
+            return _ack(m.job, False, "inline input does not match its size/digest")
+        self._enqueue(m, addr, m.inline)
+        return _ack(m.job, True, "")
+
+    async def _submit_fetch(self, m: Message, addr: Addr) -> Message:
+        try:
+            payload = await self.ep.fetch(addr, m.digest, m.size)
+        except (TimeoutError, wire.WireError) as e:
+            return _ack(m.job, False, f"input transfer failed: {e}")
+        if m.job not in self.jobs:
+            self._enqueue(m, addr, payload)
+        return _ack(m.job, True, "")
+
+    def _enqueue(self, m: Message, addr: Addr, payload: bytes) -> None:
+        arbiter = wire.fmt_addr(addr) if m.arbiter == "@" else m.arbiter
+        now = self.clock()
+        job = Job(m.job, m.cls, arbiter, m.spec, m.size, m.digest, b"", now)
+        if m.size <= wire.INLINE_MAX:
+            job.inline = payload
+        else:
+            self.ep.payloads[m.digest] = payload  # served to the node's FETCH
+        self.jobs[m.job] = job
+        self.mq.push(m.job, m.cls, now)
+        self.counts["submitted"] += 1
+        self._wake.set()
+
+    def _on_accept(self, m, addr):  # late ACCEPT for a timed-out PLACE: ignore
+        return None
+
+    def _on_hello(self, m: Message, addr: Addr):
+        n = self._node(m.node, addr)
+        n.free, n.total, n.jobs = m.free, m.total, m.jobs
+        if self.mq and not self.idle:
+            self._wake.set()
+        return None
+
+    def _node(self, node_id: str, addr: Addr) -> Node:
+        now = self.clock()
+        n = self.nodes.get(node_id)
+        if n is None:
+            n = self.nodes[node_id] = Node(node_id, addr, now)
+        n.addr, n.last_seen = addr, now
+        return n
+
+    def _on_idle_join(self, m: Message, addr: Addr):
+        n = self._node(m.node, addr)
+        n.free, n.total, n.jobs = m.free, m.total, m.jobs
+        self.idle.upsert(m.node, m.free, m.jobs)
+        self._wake.set()
+        return Message("len_reply", {"length": len(self.idle)})
+
+    _on_idle_update = _on_idle_join
+
+    def _on_idle_leave(self, m: Message, addr: Addr):
+        self.idle.remove(m.node)
+        return None
+
+    def _on_len_query(self, m: Message, addr: Addr):
+        return Message("len_reply", {"length": len(self.idle)})
+
+    def _on_claim(self, m: Message, addr: Addr):
+        """Arbitrate for detached submitters: the first claimer runs the job."""
+        if m.job in self.finished:
+            return Message("grant", {"job": m.job, "ok": 0})
+        holder = self.grants.setdefault(m.job, m.node)
+        return Message("grant", {"job": m.job, "ok": int(holder == m.node)})
+
+    def _on_done(self, m: Message, addr: Addr):
+        job = self.jobs.get(m.job)
+        if job is None:
+            return None  # already finished (a retransmitted DONE)
+        if m.status == wire.DENIED:
+            if job.node == m.node:  # that placement ran nothing; the job lives elsewhere
+                self._unplace(job)
+                self._finish(job, m.status)
+            return None
+        if job.state == "placing":  # this DONE overtook the node's ACCEPT
+            self.counts["placed"] += 1
+        self._unplace(job)
+        self._finish(job, m.status)
+        return None
+
+    def _on_status(self, m: Message, addr: Addr):
+        now = self.clock()
+        if m.what == "idle":
+            data = {
+                "idle": [
+                    {"node": nid, "free": e[0], "jobs": e[1]}
+                    for nid in list(self.nodes) + [x for x in self.idle._e if x not in self.nodes]
+                    if (e := self.idle.entry(nid)) is not None
+                ]
+            }
+        elif m.what == "nodes":
+            data = {
+                "nodes": [
+                    {
+                        "node": n.id,
+                        "addr": wire.fmt_addr(n.addr),
+                        "age": round(now - n.last_seen, 3),
+                        "free": n.free,
+                        "total": n.total,
+                        "jobs": n.jobs,
+                        "placed": len(n.placed),
+                        "idle": n.id in self.idle,
+                    }
+                    for n in self.nodes.values()
+                ]
+            }
+        else:
+            data = {
+                "addr": wire.fmt_addr(self.ep.addr),
+                "queued": self.mq.by_class(),
+                "jobs": len(self.jobs),
+                "idle": len(self.idle),
+                "nodes": len(self.nodes),
+                "counts": self.counts,
+                "dropped": dict(self.ep.codec.dropped),
+                "transport": dict(self.ep.stats),
+            }
+        return Message("status_reply", {"data": data})
+
+    # placement -------------------------------------------------------------------------
+    async def _placer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            now = self.clock()
+            while self.mq and self._inflight < MAX_INFLIGHT:
+                target = self._idle_target(now)
+                if target is None and (
+                    now < self._probe_quiet_until or not self._probe_candidates(now)
+                ):
+                    break  # nowhere to go yet: a hello, join, done or timer wakes us
+                jid, _cls = self.mq.pop_next(now)
+                job = self.jobs.get(jid)
+                if job is None or job.state != "queued":
+                    continue  # finished (or queued twice) meanwhile: a stale entry
+                job.state = "placing"
+                self._inflight += 1
+                if target is not None:
+                    self.idle.note_placed(target)
+                self._spawn(self._place(job, target))
+
+    def _idle_target(self, now: float) -> str | None:
+        t = self.idle.choose()
+        if t is None:
+            return None
+        n = self.nodes.get(t)
+        if n is None or n.skip_until > now:
+            # rare: a refusing or unknown node heads the list; pick the best usable one
+            best = None
+            for nid in list(self.idle._e):
+                nn = self.nodes.get(nid)
+                if nn is None or nn.skip_until > now:
+                    continue
+                e = self.idle.entry(nid)
+                if best is None or e[1] < best[1]:
+                    best = (nid, e[1])
+            return None if best is None else best[0]
+        return t
+
+    def _probe_candidates(self, now: float) -> list[Node]:
+        return [n for n in self.nodes.values() if n.skip_until <= now]
+
+    async def _probe(self) -> str | None:
+        cands = self._probe_candidates(self.clock())
+        if not cands:
+            return None
+        picked = [cands[i] for i in probe.sample(len(cands), self.p.probe_k, self.rng)]
+        replies = await asyncio.gather(
+            *(
+                self.ep.request(
+                    n.addr, Message("probe"), timeout=self.p.probe_timeout, first_rto=0.1
+                )
+                for n in picked
+            ),
+            return_exceptions=True,
+        )
+        loads = {n.id: r.running for n, r in zip(picked, replies, strict=True) if _ok(r)}
+        if not loads:
+            return None
+        return probe.least_loaded(list(loads), loads.__getitem__)
+
+    async def _place(self, job: Job, target: str | None) -> None:
+        try:
+            if target is None:
+                target = await self._probe()
+            n = self.nodes.get(target) if target is not None else None
+            if n is None:  # no probed node answered: pause probing rather than spin
+                self._probe_quiet_until = self.clock() + self.p.refuse_backoff
+                asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
+                self._requeue(job, None)
+                return
+            job.attempts += 1
+            msg = Message(
+                "place",
+                {
+                    "job": job.id,
+                    "cls": job.cls,
+                    "arbiter": job.arbiter,
+                    "spec": job.spec,
+                    "size": job.size,
+                    "digest": job.digest,
+                    "inline": job.inline,
+                },
+            )
+            try:
+                rep = await self.ep.request(n.addr, msg, timeout=self.p.place_timeout)
+            except TimeoutError:
+                self.counts["place_timeouts"] += 1
+                self.idle.remove(n.id)
+                self._requeue(job, n)
+                return
+            if self.jobs.get(job.id) is not job:
+                return  # finished meanwhile (a DONE overtook the ACCEPT)
+            if rep.kind == "accept":
+                job.state, job.node = "placed", n.id
+                n.placed.add(job.id)
+                n.jobs += 1
+                self.counts["placed"] += 1
+                if self.record_latency:
+                    self.place_latency.append(self.clock() - job.t_enq)
+            else:
+                self.counts["refused"] += 1
+                self.idle.remove(n.id)
+                self._requeue(job, n)
+        finally:
+            self._inflight -= 1
+            self._wake.set()
+
+    def _requeue(self, job: Job, refusing: Node | None) -> None:
+        """Back into its class queue with its original enqueue time."""
+        if self.jobs.get(job.id) is not job:
+            return
+        now = self.clock()
+        if refusing is not None:
+            refusing.skip_until = now + self.p.refuse_backoff
+            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
+        job.state, job.node = "queued", None
+        self.mq.push(job.id, job.cls, job.t_enq)
+        self.counts["requeued"] += 1
+
+    def _unplace(self, job: Job) -> None:
+        n = self.nodes.get(job.node) if job.node else None
+        if n is not None:
+            n.placed.discard(job.id)
+            n.jobs = max(0, n.jobs - 1)
+
+    def _finish(self, job: Job, status: int) -> None:
+        self.jobs.pop(job.id, None)
+        self.grants.pop(job.id, None)
+        if job.size > wire.INLINE_MAX and not any(
+            j.digest == job.digest for j in self.jobs.values() if j.size > wire.INLINE_MAX
+        ):
+            self.ep.payloads.pop(job.digest, None)
+        self.finished[job.id] = status
+        while len(self.finished) > KEEP_FINISHED:
+            self.finished.popitem(last=False)
+        self.counts["done"] += 1
+        self._wake.set()
+
+    # failure detection -----------------------------------------------------------------
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.p.dead_after / 3)
+            now = self.clock()
+            for n in [n for n in self.nodes.values() if now - n.last_seen > self.p.dead_after]:
+                self._node_lost(n)
+
+    def _node_lost(self, n: Node) -> None:
+        """Re-place the dead node's unfinished jobs; the arbiter decides whether each had
+        started (granted) -- those are reported failed (NODE_LOST), never run again."""
+        del self.nodes[n.id]
+        self.idle.remove(n.id)
+        self.counts["nodes_lost"] += 1
+        for jid in list(n.placed):
+            job = self.jobs.get(jid)
+            if job is None or job.node != n.id:
+                continue
+            if job.arbiter:
+                self._spawn(self._tell_arbiter(job, n.id))
+                self._requeue(job, None)
+            elif self.grants.get(jid) == n.id:
+                self._finish(job, wire.NODE_LOST)
+            else:
+                self.grants.pop(jid, None)
+                self._requeue(job, None)
+        self._wake.set()
+
+    async def _tell_arbiter(self, job: Job, node: str) -> None:
+        try:
+            await self.ep.request(
+                wire.parse_addr(job.arbiter),
+                Message("node_lost", {"job": job.id, "node": node}),
+                timeout=10.0,
+            )
+        except (TimeoutError, ValueError):
+            pass  # the submitter is gone: nobody is waiting for this job's fate
+
+
+def _ack(job: bytes, ok: bool, reason: str) -> Message:
+    return Message("submit_ack", {"job": job, "ok": int(ok), "reason": reason})
+
+
+def _ok(r) -> bool:
+    return isinstance(r, Message) and r.kind == "probe_reply"
