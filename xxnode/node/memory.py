@@ -1,0 +1,459 @@
+"""The node's memory manager: class-ordered swap under pressure, prefetch when it passes.
+
+XX never asks for a memory limit. When the machine runs short, the pages that go are the
+lowest class's: priority scheduling means those jobs will not run soon anyway. The loop:
+
+  * wake on a PSI trigger on the XX root (the kernel tells us within ~100 ms that tasks
+    stall on memory) or on a periodic tick (the fallback, and the only path without PSI);
+  * read the state once — MemAvailable, PSI, each job's memory and CPU progress — into a
+    `Sample` everything else consults (oomd's context object);
+  * if available memory is under the target, ask `policy.swap_victims` whom to push out
+    and write `memory.reclaim` on their cgroups (in a worker thread: the write blocks
+    until the kernel has reclaimed), zswap first, the swap device behind it;
+  * when pressure has passed for a while, fault swapped jobs back in with
+    process_madvise(MADV_WILLNEED), highest class first, within the free headroom.
+
+Static protection, set once per class cgroup: the top class gets memory.swap.max 0 and
+memory.low max (the kernel's own reclaim leaves it alone too); every job's processes get
+an oom_score_adj by class, so if reclaim cannot keep up the OOM killer takes the lowest
+class first, and memory.oom.group makes it take the whole job.
+
+Constants, each with its reason:
+  target_free   MemAvailable we restore (10% of RAM): room for a new high-class job's
+                first seconds without a stall.
+  low_free      below this (5%) we reclaim even if PSI has not fired: PSI needs stalls to
+                happen first, and a burst can OOM before the trigger's window closes.
+  min_chunk     the smallest reclaim worth a syscall (32 MiB).
+  max_chunk     the largest single memory.reclaim write (64 MiB): the write blocks until
+                done, so big requests are split and the state re-read between them — a
+                PSI event or a finished job changes what is needed.
+  quiet_s       pressure-free time before prefetching (5 s): swapping back in while the
+                high class still grows would only swap out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from xxnode.classes import ConfigError
+from xxnode.kernel import meminfo, proc, psi
+from xxnode.kernel.cgroup import Cgroup, CgroupError
+from xxnode.policy.swap_victims import JobMemory, choose_victims
+
+log = logging.getLogger("xxnode.memory")
+MiB = 1 << 20
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    target_free_fraction: float = 0.10
+    low_free_fraction: float = 0.05
+    min_chunk: int = 32 * MiB
+    max_chunk: int = 64 * MiB
+    psi_stall_us: int = 100_000
+    psi_window_us: int = 1_000_000
+    tick_s: float = 1.0
+    quiet_s: float = 5.0
+    prefetch: bool = True
+    freeze_swapped: bool = False
+    zswap_compressor: str = ""  # "" leaves the kernel's choice
+    zswap_max_pool_percent: int = 0  # 0 leaves the kernel's choice
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "memory") -> MemoryConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: unknown setting")
+        cfg = cls(**raw)
+        for name in ("target_free_fraction", "low_free_fraction"):
+            v = getattr(cfg, name)
+            if not isinstance(v, float | int) or not 0 < v < 1:
+                raise ConfigError(f"{where}.{name}: must be a fraction between 0 and 1")
+        if cfg.low_free_fraction > cfg.target_free_fraction:
+            raise ConfigError(f"{where}.low_free_fraction: must not exceed target_free_fraction")
+        return cfg
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What the daemon tells us about a job: enough to find and rank it."""
+
+    job_id: str
+    cls: str
+    leaf: Cgroup
+    started_at: float
+
+
+@dataclass
+class JobSample:
+    job_id: str
+    cls: str
+    rank: int
+    current: int
+    swap: int
+    zswapped: int
+    anon: int
+    cpu_usec: int
+    running: bool
+    started_at: float
+
+
+@dataclass
+class Sample:
+    """One read of everything the decisions need (taken once per wake-up)."""
+
+    at: float
+    total: int
+    available: int
+    psi_some_avg10: float
+    psi_full_avg10: float
+    jobs: list[JobSample]
+
+
+@dataclass
+class ReclaimEvent:
+    at: float  # wall clock
+    job: str
+    cls: str
+    requested: int
+    reclaimed: int
+    ms: float
+    reaction_ms: float | None  # PSI wake-up -> reclaim start, when a trigger caused it
+    cause: str
+
+
+@dataclass
+class Stats:
+    reclaims: int = 0
+    reclaimed_by_class: dict[str, int] = field(default_factory=dict)
+    prefetched_by_class: dict[str, int] = field(default_factory=dict)
+    psi_events: int = 0
+    shortfall_events: int = 0
+
+
+class MemoryManager:
+    def __init__(
+        self,
+        root: Cgroup,
+        class_ranks: dict[str, int],
+        cfg: MemoryConfig,
+        jobs: Callable[[], Iterable[JobRef]],
+        *,
+        memory_controller: bool,
+        psi_ok: bool = True,
+    ):
+        self.root = root
+        self.ranks = class_ranks
+        self.top_rank = max(class_ranks.values())
+        self.cfg = cfg
+        self.jobs = jobs
+        self.managed = memory_controller  # without it we only watch
+        self.psi_ok = psi_ok
+        self.events: deque[ReclaimEvent] = deque(maxlen=256)
+        self.stats = Stats()
+        self.last: Sample | None = None
+        self._cpu_seen: dict[str, int] = {}
+        self._adjusted: set[int] = set()
+        self._frozen: set[str] = set()
+        self._last_pressure = float("-inf")
+        self._wake: asyncio.Event | None = None
+        self._psi_at: float | None = None
+        self._stop = threading.Event()
+        self.trigger_error: str | None = None
+
+    # -- static protection -------------------------------------------------------------
+    def oom_adj(self, cls: str) -> int:
+        """Bottom class 1000 (always above any class-0 task), top class -999 (killable, but
+        below everything else), classes between spaced evenly."""
+        r, top = self.ranks[cls], self.top_rank
+        if top == 0:
+            return 0
+        return round(1000 - 1999 * r / top)
+
+    def setup(self) -> list[str]:
+        """Per-class swap and protection settings; returns what could not be set."""
+        problems = []
+        if not self.managed:
+            return ["no memory controller: watching only"]
+        for cls, rank in self.ranks.items():
+            cg = self.root.child(cls)
+            top = rank == self.top_rank
+            for knob, value in (
+                ("memory.swap.max", "0" if top else "max"),
+                ("memory.zswap.max", "0" if top else "max"),
+                ("memory.zswap.writeback", "1"),
+                ("memory.low", "max" if top else "0"),
+            ):
+                if not cg.has(knob):
+                    continue
+                try:
+                    cg.write(knob, value)
+                except CgroupError as e:
+                    problems.append(str(e))
+        # memory.low only protects as far as every ancestor does.
+        with contextlib.suppress(CgroupError):
+            if self.root.has("memory.low"):
+                self.root.write("memory.low", "max")
+        self._setup_zswap(problems)
+        return problems
+
+    def _setup_zswap(self, problems: list[str]) -> None:
+        from xxnode.kernel import swap as kswap
+
+        params = kswap.zswap_params()
+        if not params:
+            return
+        wanted = {"enabled": "Y"}
+        if self.cfg.zswap_compressor:
+            wanted["compressor"] = self.cfg.zswap_compressor
+        if self.cfg.zswap_max_pool_percent:
+            wanted["max_pool_percent"] = str(self.cfg.zswap_max_pool_percent)
+        for k, v in wanted.items():
+            if params.get(k) == v:
+                continue
+            try:
+                kswap.set_zswap_param(k, v)
+            except OSError as e:
+                problems.append(f"zswap {k}={v}: {e.strerror}")
+
+    def adopt(self, job: JobRef) -> None:
+        """Give a job's processes its class's OOM rank (children inherit it)."""
+        adj = self.oom_adj(job.cls)
+        for pid in job.leaf.procs():
+            if pid in self._adjusted:
+                continue
+            with contextlib.suppress(OSError):
+                proc.set_oom_score_adj(pid, adj)
+                self._adjusted.add(pid)
+
+    # -- reading -----------------------------------------------------------------------
+    def sample(self) -> Sample:
+        mi = meminfo.meminfo()
+        some = full = 0.0
+        if self.psi_ok:
+            with contextlib.suppress(OSError, KeyError):
+                p = psi.read_pressure(self.root.path / "memory.pressure")
+                some, full = p["some"].avg10, p["full"].avg10
+        jobs = []
+        seen = {}
+        for ref in self.jobs():
+            if ref.cls not in self.ranks:
+                continue
+            try:
+                cpu = ref.leaf.cpu_stat().get("usage_usec", 0)
+                st = ref.leaf.memory_stat() if self.managed else {}
+                cur = (ref.leaf.read_int("memory.current") or 0) if self.managed else 0
+                swp = (ref.leaf.read_int("memory.swap.current") or 0) if self.managed else 0
+            except CgroupError:
+                continue  # the job ended between listing and reading
+            running = cpu > self._cpu_seen.get(ref.job_id, -1)
+            seen[ref.job_id] = cpu
+            jobs.append(
+                JobSample(
+                    ref.job_id,
+                    ref.cls,
+                    self.ranks[ref.cls],
+                    cur,
+                    swp,
+                    st.get("zswapped", 0),
+                    st.get("anon", 0),
+                    cpu,
+                    running,
+                    ref.started_at,
+                )  # fmt: skip
+            )
+            self.adopt(ref)
+        self._cpu_seen = seen
+        return Sample(
+            time.monotonic(), mi.get("MemTotal", 0), mi.get("MemAvailable", 0), some, full, jobs
+        )
+
+    # -- deciding ----------------------------------------------------------------------
+    def need(self, s: Sample, psi_woke: bool) -> int:
+        """Bytes to push out now: restore target_free when under it and either PSI saw
+        stalls or we are below the low watermark."""
+        target = int(s.total * self.cfg.target_free_fraction)
+        low = int(s.total * self.cfg.low_free_fraction)
+        short = target - s.available
+        if short <= 0 or not (psi_woke or s.available < low):
+            return 0
+        return max(short, self.cfg.min_chunk)
+
+    def victims(self, s: Sample, need: int) -> list[tuple[JobSample, int]]:
+        by_id = {j.job_id: j for j in s.jobs}
+        mem = [JobMemory(j.job_id, j.rank, j.running, max(j.anon, 0), j.started_at) for j in s.jobs]
+        return [(by_id[jid], n) for jid, n in choose_victims(mem, need, self.top_rank)]
+
+    # -- acting ------------------------------------------------------------------------
+    def reclaim(self, job: JobSample, nbytes: int, cause: str, woke_at: float | None) -> None:
+        leaf = self.root.child(job.cls).child(job.job_id)
+        t0 = time.monotonic()
+        # pgsteal counts pages the kernel took from this cgroup; memory.current would also
+        # move with the job's own faults and with zswap's compressed pool.
+        before = leaf.memory_stat().get("pgsteal", 0)
+        try:
+            leaf.write("memory.reclaim", str(nbytes))
+        except CgroupError as e:
+            if e.errno != errno.EAGAIN:  # EAGAIN: the kernel found less than asked
+                log.warning("reclaim %s: %s", job.job_id, e)
+                return
+        after = leaf.memory_stat().get("pgsteal", 0)
+        ev = ReclaimEvent(
+            time.time(), job.job_id, job.cls, nbytes, max(after - before, 0) * PAGE,
+            (time.monotonic() - t0) * 1000,
+            (t0 - woke_at) * 1000 if woke_at is not None else None, cause,
+        )  # fmt: skip
+        self.events.append(ev)
+        self.stats.reclaims += 1
+        self.stats.reclaimed_by_class[job.cls] = (
+            self.stats.reclaimed_by_class.get(job.cls, 0) + ev.reclaimed
+        )
+        log.info(
+            "reclaimed %d MiB from %s (%s) in %.0f ms", ev.reclaimed // MiB, job.job_id,
+            job.cls, ev.ms,
+        )  # fmt: skip
+        if self.cfg.freeze_swapped and not job.running:
+            with contextlib.suppress(CgroupError):
+                leaf.freeze(True)
+                self._frozen.add(job.job_id)
+
+    def prefetch(self, s: Sample) -> int:
+        """Swap jobs back in, highest class first, while headroom above target lasts."""
+        headroom = s.available - int(s.total * self.cfg.target_free_fraction)
+        done = 0
+        for j in sorted(s.jobs, key=lambda j: (-j.rank, j.started_at)):
+            if headroom <= 0:
+                break
+            if j.swap <= 0 or j.swap > headroom:
+                continue
+            leaf = self.root.child(j.cls).child(j.job_id)
+            if j.job_id in self._frozen:
+                with contextlib.suppress(CgroupError):
+                    leaf.freeze(False)
+                self._frozen.discard(j.job_id)
+            for pid in leaf.procs():
+                with contextlib.suppress(OSError):
+                    proc.prefetch(pid)
+            self.stats.prefetched_by_class[j.cls] = (
+                self.stats.prefetched_by_class.get(j.cls, 0) + j.swap
+            )
+            headroom -= j.swap
+            done += j.swap
+        return done
+
+    def step(self, psi_woke: bool, woke_at: float | None) -> bool:
+        """One wake-up: read, decide, act on at most one chunk. Blocking (reclaim waits for
+        the kernel). Returns True if it reclaimed, so the caller re-runs it at once."""
+        s = self.sample()
+        self.last = s
+        if not self.managed:
+            return False
+        need = self.need(s, psi_woke)
+        if need:
+            self._last_pressure = s.at
+            chosen = self.victims(s, min(need, self.cfg.max_chunk))
+            if not chosen:
+                self.stats.shortfall_events += 1
+                return False
+            cause = "psi" if psi_woke else "low-watermark"
+            for job, n in chosen:
+                self.reclaim(job, n, cause, woke_at)
+            return True
+        if self.cfg.prefetch and s.at - self._last_pressure >= self.cfg.quiet_s:
+            self.prefetch(s)
+        return False
+
+    # -- the loop ----------------------------------------------------------------------
+    def _watch_psi(self, loop: asyncio.AbstractEventLoop) -> None:
+        """PSI triggers signal POLLPRI, which asyncio's readers do not see: poll in a thread
+        and hand each event to the loop."""
+        try:
+            trig = psi.Trigger(
+                self.root.path / "memory.pressure", "some",
+                self.cfg.psi_stall_us, self.cfg.psi_window_us,
+            )  # fmt: skip
+        except OSError as e:
+            self.trigger_error = f"{e.strerror}: PSI trigger refused; polling each tick"
+            log.warning("%s", self.trigger_error)
+            return
+        with trig:
+            p = select.poll()
+            p.register(trig.fileno(), select.POLLPRI)
+            while not self._stop.is_set():
+                if p.poll(200):
+                    loop.call_soon_threadsafe(self._on_psi, time.monotonic())
+
+    def _on_psi(self, at: float) -> None:
+        self.stats.psi_events += 1
+        if self._psi_at is None:
+            self._psi_at = at
+        if self._wake:
+            self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        watcher = None
+        if self.psi_ok and (self.root.path / "memory.pressure").exists():
+            watcher = threading.Thread(target=self._watch_psi, args=(loop,), daemon=True)
+            watcher.start()
+        try:
+            busy = False
+            while True:
+                if not busy:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.cfg.tick_s)
+                self._wake.clear()
+                woke_at, self._psi_at = self._psi_at, None
+                # Still under pressure after a chunk: carry on as if PSI had woken us.
+                busy = await asyncio.to_thread(self.step, busy or woke_at is not None, woke_at)
+        finally:
+            self._stop.set()
+            if watcher:
+                await asyncio.to_thread(watcher.join)
+
+    # -- exposure ----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """What `xxctl memory` shows and what the dispatcher publishes to idle lists."""
+        s = self.last or self.sample()
+        per_class: dict[str, dict] = {
+            c: {"jobs": 0, "memory": 0, "swap": 0, "zswapped": 0} for c in self.ranks
+        }
+        for j in s.jobs:
+            pc = per_class[j.cls]
+            pc["jobs"] += 1
+            pc["memory"] += j.current
+            pc["swap"] += j.swap
+            pc["zswapped"] += j.zswapped
+        for c, pc in per_class.items():
+            pc["reclaimed_total"] = self.stats.reclaimed_by_class.get(c, 0)
+            pc["oom_score_adj"] = self.oom_adj(c)
+            with contextlib.suppress(OSError, KeyError):
+                pc["psi_some_avg10"] = psi.read_pressure(
+                    self.root.child(c).path / "memory.pressure"
+                )["some"].avg10
+        return {
+            "managed": self.managed,
+            "total": s.total,
+            "free": s.available,
+            "running_jobs": sum(1 for j in s.jobs if j.running),
+            "jobs_total": len(s.jobs),
+            "psi_some_avg10": s.psi_some_avg10,
+            "psi_full_avg10": s.psi_full_avg10,
+            "classes": per_class,
+            "jobs": [asdict(j) for j in s.jobs],
+            "reclaims": [asdict(e) for e in list(self.events)[-20:]],
+            "stats": asdict(self.stats),
+            "trigger": self.trigger_error or "armed",
+        }
