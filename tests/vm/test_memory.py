@@ -23,7 +23,7 @@ from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
 from xxnode.node.memory import JobRef, MemoryConfig, MemoryManager
 
 MiB = 1 << 20
-HOG = Path(__file__).with_name("memhog.py")
+MEMJOB = Path(__file__).resolve().parents[2] / "tools" / "memjob.py"
 RANKS = {"image": 0, "profile": 1, "home": 2}
 
 
@@ -54,19 +54,21 @@ class Job:
         self.leaf = root.child(cls).create(self.id)
         self.proc = subprocess.Popen(
             ["sh", "-c", f'echo $$ > "{self.leaf.path}/cgroup.procs" && exec "$0" "$@"',
-             sys.executable, str(HOG), str(mib)],
+             sys.executable, str(MEMJOB), str(mib)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.ref = JobRef(self.id, cls, self.leaf, time.monotonic())
 
     def ready(self) -> str:
-        return self.proc.stdout.readline().strip()
+        return self.proc.stdout.readline().split(" ")[0]
 
     def finish(self, timeout: float = 240) -> tuple[int, str]:
+        """Re-read every page, then end: exit 0 only if each page kept its own index."""
         self.proc.stdin.write("check\n")
         self.proc.stdin.flush()
-        out = self.proc.stdout.read()
-        return self.proc.wait(timeout), out.strip()
+        verdict = self.proc.stdout.readline().strip()
+        self.proc.stdin.close()
+        return self.proc.wait(timeout), verdict
 
 
 async def _scenario(root: Cgroup):

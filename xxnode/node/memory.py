@@ -169,6 +169,7 @@ class MemoryManager:
         self._last_pressure = float("-inf")
         self._wake: asyncio.Event | None = None
         self._psi_at: float | None = None
+        self._busy = False
         self._stop = threading.Event()
         self.trigger_error: str | None = None
 
@@ -396,7 +397,9 @@ class MemoryManager:
 
     def _on_psi(self, at: float) -> None:
         self.stats.psi_events += 1
-        if self._psi_at is None:
+        # Reaction time is measured from events that find us idle; one that arrives while
+        # a reclaim runs is already being acted on.
+        if self._psi_at is None and not self._busy:
             self._psi_at = at
         if self._wake:
             self._wake.set()
@@ -409,15 +412,20 @@ class MemoryManager:
             watcher = threading.Thread(target=self._watch_psi, args=(loop,), daemon=True)
             watcher.start()
         try:
-            busy = False
             while True:
-                if not busy:
+                if not self._busy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.cfg.tick_s)
                 self._wake.clear()
                 woke_at, self._psi_at = self._psi_at, None
-                # Still under pressure after a chunk: carry on as if PSI had woken us.
-                busy = await asyncio.to_thread(self.step, busy or woke_at is not None, woke_at)
+                psi_woke = self._busy or woke_at is not None
+                self._busy = True
+                try:
+                    # Still short after a chunk: carry on as if PSI had woken us again.
+                    self._busy = await asyncio.to_thread(self.step, psi_woke, woke_at)
+                except BaseException:
+                    self._busy = False
+                    raise
         finally:
             self._stop.set()
             if watcher:
