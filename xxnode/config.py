@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xxnode.classes import ClassTable, ConfigError, parse_classes
+from xxnode.node.memory import MemoryConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.toml")
 ENV_CONFIG = "XX_CONFIG"
@@ -37,6 +38,7 @@ class NodeConfig:
     default_timeout: float
     max_timeout: float
     keep_finished: int
+    memory: MemoryConfig = MemoryConfig()
     source: str = ""
 
 
@@ -67,9 +69,18 @@ def _int(node: Mapping, key: str) -> int:
 
 
 def parse(data: Mapping, source: str = "") -> NodeConfig:
-    unknown = set(data) - {"node", "class"}
+    unknown = set(data) - {"node", "class", "memory"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown table (expected [node], [[class]])")
+        raise ConfigError(
+            f"{sorted(unknown)[0]}: unknown table (expected [node], [memory], [[class]])"
+        )
+    mem = data.get("memory", {})
+    if not isinstance(mem, Mapping):
+        raise ConfigError("memory: must be a table")
+    try:
+        memory = MemoryConfig.from_dict(dict(mem))
+    except TypeError as e:
+        raise ConfigError(f"memory: {e}") from None
     node = data.get("node", {})
     if not isinstance(node, Mapping):
         raise ConfigError("node: must be a table")
@@ -119,6 +130,7 @@ def parse(data: Mapping, source: str = "") -> NodeConfig:
         default_timeout=nums["default_timeout"],
         max_timeout=nums["max_timeout"],
         keep_finished=ints["keep_finished"],
+        memory=memory,
         source=source,
     )
 

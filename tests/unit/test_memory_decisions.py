@@ -31,10 +31,17 @@ def sample(available, jobs=()):
 
 def test_oom_order_follows_class_and_brackets_everything_else():
     m = manager()
+    m.min_oom_adj = -999  # as with CAP_SYS_RESOURCE
     adj = {c: m.oom_adj(c) for c in RANKS}
     assert adj["image"] == 1000  # above any task at the default 0
     assert adj["home"] == -999  # below every default task, but still killable
     assert adj["image"] > adj["profile"] > adj["home"]
+
+
+def test_without_cap_sys_resource_the_top_class_stays_at_zero():
+    m = manager()
+    m.min_oom_adj = 0
+    assert [m.oom_adj(c) for c in ("image", "profile", "home")] == [1000, 500, 0]
 
 
 def test_no_reclaim_while_memory_is_above_target():

@@ -30,6 +30,7 @@ def register(sub) -> None:
 
     add("status", "the node daemon's state, capabilities and load", cmd_status)
     add("classes", "the price classes and the scheduling each gets", cmd_classes)
+    add("memory", "memory, swap, zswap and pressure per class and job; reclaims", cmd_memory)
     p = add("jobs", "running, queued and recently finished jobs", cmd_jobs)
     p.add_argument("--class", dest="cls", metavar="C", help="only this class")
     p.add_argument("--limit", type=int, default=50, help="finished jobs shown (default 50)")
@@ -140,6 +141,49 @@ def cmd_status(args) -> int:
         )
     for d in st["degraded"]:
         print(f"{'Degraded':>{width}}: {d}")
+    return 0
+
+
+def _mib(n: float | int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.0f}M"
+
+
+def cmd_memory(args) -> int:
+    with Client(args.socket) as c:
+        m = c.call({"op": "memory"})["memory"]
+    if args.json:
+        _emit_json(m)
+        return 0
+    print(
+        f"● memory: {_mib(m['free'])} available of {_mib(m['total'])}; PSI some avg10 "
+        f"{m['psi_some_avg10']:.2f} full {m['psi_full_avg10']:.2f}; "
+        f"{'managed' if m['managed'] else 'watching only (no memory controller)'}; "
+        f"trigger {m['trigger']}; eBPF {m['ebpf'] or 'none'}"
+    )
+    print(f"\n{'CLASS':<10} {'JOBS':>4} {'MEMORY':>8} {'SWAP':>8} {'ZSWAP':>8} "
+          f"{'RECLAIMED':>10} {'PSI10':>6} {'OOM_ADJ':>7}")  # fmt: skip
+    for name, pc in m["classes"].items():
+        print(
+            f"{name:<10} {pc['jobs']:>4} {_mib(pc['memory']):>8} {_mib(pc['swap']):>8} "
+            f"{_mib(pc['zswapped']):>8} {_mib(pc['reclaimed_total']):>10} "
+            f"{pc.get('psi_some_avg10', 0.0):>6.2f} {pc['oom_score_adj']:>7}"
+        )
+    if m["jobs"]:
+        print(f"\n{'JOB':<10} {'CLASS':<10} {'MEMORY':>8} {'SWAP':>8} {'ANON':>8} "
+              f"{'FAULTS':>8} RUNNING")  # fmt: skip
+        for j in m["jobs"]:
+            faults = j.get("ebpf", {}).get("page_faults", "-")
+            print(
+                f"{j['job_id']:<10} {j['cls']:<10} {_mib(j['current']):>8} {_mib(j['swap']):>8} "
+                f"{_mib(j['anon']):>8} {faults!s:>8} {'yes' if j['running'] else 'no'}"
+            )
+    if m["reclaims"]:
+        print("\nRECENT RECLAIMS")
+        for e in m["reclaims"]:
+            print(
+                f"  {_when(e['at'])} {e['job']} ({e['cls']}) {_mib(e['reclaimed'])} "
+                f"in {e['ms']:.0f} ms, cause {e['cause']}"
+            )
     return 0
 
 

@@ -37,6 +37,7 @@ struct xx_spawn {
     int shim_prio;
     int job_policy;
     int job_prio;
+    int oom_score_adj;    /* -1000..1000 for J; anything else: inherit */
     int set_user;
     uint32_t uid;
     uint32_t gid;
@@ -86,6 +87,7 @@ int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report 
 #define XX_STAGE_CLONE_SHIM ...
 #define XX_STAGE_JOB_KILLED_AT_BIRTH ...
 #define XX_STAGE_SHIM_KILLED ...
+#define XX_STAGE_OOM_ADJ ...
 """
 
 SOURCE = r"""
@@ -139,6 +141,7 @@ SOURCE = r"""
 #define XX_STAGE_CLONE_SHIM 14
 #define XX_STAGE_JOB_KILLED_AT_BIRTH 15
 #define XX_STAGE_SHIM_KILLED 16
+#define XX_STAGE_OOM_ADJ 17
 
 struct xx_spawn {
     int shim_cgroup_fd;   /* CLONE_INTO_CGROUP target for S, -1: the caller's cgroup */
@@ -151,6 +154,7 @@ struct xx_spawn {
     int shim_prio;
     int job_policy;
     int job_prio;
+    int oom_score_adj;
     int set_user;
     uint32_t uid;
     uint32_t gid;
@@ -319,6 +323,23 @@ static int job_main(void *p)
     if (r < 0) return job_fail(a, XX_STAGE_RLIMIT, r);
     r = RS5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     if (r < 0) return job_fail(a, XX_STAGE_NO_NEW_PRIVS, r);
+    if (a->oom_score_adj >= -1000 && a->oom_score_adj <= 1000) {
+        /* the class's OOM rank, while root (lowering it later needs CAP_SYS_RESOURCE);
+           every process the job forks inherits it */
+        char num[8];
+        int v = a->oom_score_adj, len = 0, neg = v < 0;
+        unsigned u = neg ? -v : v;
+        char rev[8];
+        do { rev[len++] = '0' + u % 10; u /= 10; } while (u);
+        int k = 0;
+        if (neg) num[k++] = '-';
+        while (len) num[k++] = rev[--len];
+        long fd = RS4(SYS_openat, AT_FDCWD, "/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC, 0);
+        if (fd < 0) return job_fail(a, XX_STAGE_OOM_ADJ, fd);
+        r = RS3(SYS_write, fd, num, k);
+        RS1(SYS_close, fd);
+        if (r < 0) return job_fail(a, XX_STAGE_OOM_ADJ, r);
+    }
     RS0(SYS_setsid);  /* its own session: no terminal, its own autogroup, not the daemon's */
     /* CPython ignores SIGPIPE/SIGXFSZ; a job expects defaults and an empty mask */
     struct { void *h; unsigned long flags; void *restorer; uint64_t mask; } sa;

@@ -61,6 +61,7 @@ STAGES = {
     14: "clone3 of the shim",
     15: "job SIGKILLed at birth (cgroup kill_seq mismatch: a cgroup.kill'ed cgroup)",
     16: "shim SIGKILLed before it reported",
+    17: "writing /proc/self/oom_score_adj",
 }
 STAGE_CLAIM = 1
 STAGES_KILLED_AT_BIRTH = (15, 16)
@@ -107,6 +108,7 @@ class SpawnRequest:
     shim_cgroup: Path | None = None
     out_limit: int = 1 << 20
     timeout_s: float | None = None
+    oom_score_adj: int | None = None  # None: inherit the daemon's
 
 
 @dataclass
@@ -174,6 +176,7 @@ def spawn(req: SpawnRequest) -> Spawned:
         a.report_rd, a.report_wr = rd, wr  # xx_spawn closes both
         a.shim_policy, a.shim_prio = req.shim_policy, req.shim_priority
         a.job_policy, a.job_prio = req.job_policy, req.job_priority
+        a.oom_score_adj = 1001 if req.oom_score_adj is None else req.oom_score_adj
         if req.user is not None:
             a.set_user = 1
             a.uid, a.gid = req.user.uid, req.user.gid

@@ -22,6 +22,17 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(bit: int, pid: int | str = "self") -> bool:
+    """From /proc/PID/status "CapEff:\t000001ffffffffff" (a hex bitmask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
 def set_oom_score_adj(pid: int, value: int) -> None:
     Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
 

@@ -97,6 +97,8 @@ class Api:
             await self._send(writer, {"ok": True, "status": node.status()})
         elif op == "classes":
             await self._send(writer, {"ok": True, "classes": node.classes_info()})
+        elif op == "memory":
+            await self._send(writer, {"ok": True, "memory": node.memory_snapshot()})
         elif op == "jobs":
             limit = req.get("limit", 100)
             await self._send(

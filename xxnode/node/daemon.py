@@ -13,6 +13,7 @@ Cgroup layout under the root it owns:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -28,6 +29,7 @@ from xxnode.kernel.cgroup import Cgroup, CgroupError, find_cgroup2_mount, own_cg
 from xxnode.kernel.cgroup_watch import PopulatedWatcher
 from xxnode.node import jobs as J
 from xxnode.node.journal import Journal
+from xxnode.node.memory import JobRef, MemoryManager
 from xxnode.policy.node_queue import NodeQueue
 
 log = logging.getLogger("xxnode")
@@ -64,6 +66,7 @@ class Node:
         self._setup_sched()
         self._setup_state_dir()
         self._setup_cgroups()
+        self._setup_memory()
         if clone3.available():
             raise StartupError(clone3.available())
         self.self_test()
@@ -158,6 +161,54 @@ class Node:
                 + ("; no memory.peak" if "memory" in missing else "")
                 + ")"
             )
+
+    def _setup_memory(self) -> None:
+        """The memory manager (class-ordered reclaim) and the eBPF counters it reports.
+        Each missing piece is a named degraded mode, never a refusal to start."""
+        from xxnode.kernel import bpf, swap
+
+        managed = "memory" in self.enabled
+        self.memory = MemoryManager(
+            self.root, self.classes.ranks(), self.cfg.memory, jobs=self._memory_jobs,
+            memory_controller=managed, psi_ok=(self.root.path / "memory.pressure").exists(),
+        )  # fmt: skip
+        if not managed:
+            self.degraded.append(
+                "memory-unmanaged: no memory controller, so no class-ordered reclaim, swap "
+                "limits or OOM groups; memory is watched through PSI and /proc/meminfo"
+            )
+        self.degraded += [f"memory: {problem}" for problem in self.memory.setup()]
+        if managed and not swap.swap_devices():
+            self.degraded.append(
+                "no-swap: no swap device, so low classes cannot be swapped out; the OOM order "
+                "by class is the only protection"
+            )
+        self.bpf = None
+        try:
+            self.bpf = bpf.MemWatch.open()
+            if self.bpf.missing:
+                self.degraded.append(self.bpf.degraded())
+        except bpf.BpfUnavailable as e:
+            self.degraded.append(f"no-ebpf: {e}; per-job counters from cgroup files only")
+
+    def _memory_jobs(self) -> list[JobRef]:
+        return [
+            JobRef(j.id, j.cls, self.leaf(j), j.started_at or j.accepted_at)
+            for j in self.jobs.values()
+            if j.state == "running"
+        ]
+
+    def memory_snapshot(self) -> dict:
+        snap = self.memory.snapshot()
+        if self.bpf is not None:
+            counters = self.bpf.read()
+            for j in snap["jobs"]:
+                leaf = self.root.child(j["cls"]).child(j["job_id"])
+                with _suppress_enoent():
+                    c = counters.get(leaf.id)
+                    j["ebpf"] = dataclasses.asdict(c) if c else {}
+        snap["ebpf"] = "off" if self.bpf is None else ", ".join(self.bpf.attached())
+        return snap
 
     def _rotate_shims(self) -> None:
         """Shims live in a cgroup created for this daemon run: a CLONE_INTO_CGROUP child dies
@@ -354,7 +405,11 @@ class Node:
             self.loop.create_task(self._finalize(job))
         self._after_start = self._after_start_watch = []
         self.dispatch()
-        await server_factory(self)
+        memory_task = self.loop.create_task(self.memory.run())
+        try:
+            await server_factory(self)
+        finally:
+            memory_task.cancel()
 
     _after_start: list = []
     _after_start_watch: list = []
@@ -430,6 +485,7 @@ class Node:
             shim_cgroup=self.shims.path,
             out_limit=self.cfg.output_limit,
             timeout_s=job.spec["timeout"],
+            oom_score_adj=self.memory.oom_adj(job.cls),
         )
         job.state = "running"
         job.is_child = True

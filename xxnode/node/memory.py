@@ -172,21 +172,28 @@ class MemoryManager:
         self._busy = False
         self._stop = threading.Event()
         self.trigger_error: str | None = None
+        self.min_oom_adj = -999 if proc.has_capability(proc.CAP_SYS_RESOURCE) else 0
 
     # -- static protection -------------------------------------------------------------
     def oom_adj(self, cls: str) -> int:
-        """Bottom class 1000 (always above any class-0 task), top class -999 (killable, but
-        below everything else), classes between spaced evenly."""
+        """Bottom class 1000 (always above any task at the default 0), top class -999
+        (killable, but below everything else), classes between spaced evenly. Going below 0
+        needs CAP_SYS_RESOURCE; without it the top class sits at 0, level with system tasks."""
         r, top = self.ranks[cls], self.top_rank
         if top == 0:
             return 0
-        return round(1000 - 1999 * r / top)
+        return round(1000 - (1000 - self.min_oom_adj) * r / top)
 
     def setup(self) -> list[str]:
         """Per-class swap and protection settings; returns what could not be set."""
         problems = []
+        if self.min_oom_adj == 0:
+            problems.append(
+                "oom-order-partial: no CAP_SYS_RESOURCE, so the top class's oom_score_adj is 0 "
+                "(level with system tasks) instead of -999"
+            )
         if not self.managed:
-            return ["no memory controller: watching only"]
+            return problems
         for cls, rank in self.ranks.items():
             cg = self.root.child(cls)
             top = rank == self.top_rank
