@@ -112,7 +112,7 @@ class ClusterClient:
         payload: bytes = b"",
         job_id: bytes | None = None,
         wait: bool = True,
-        timeout: float = 5.0,
+        timeout: float = 1.5,
     ) -> bytes:
         """Hand a job to a shard (failing over along the list); returns its 16-byte id.
         With ``wait`` the job is tracked for ``result()`` and arbitrated here."""
@@ -214,7 +214,7 @@ class ClusterClient:
                 for p in orphans:
                     p.shard = (idx + 1) % len(self.shards)
                     try:
-                        await self._send_to_some_shard(p, True, 5.0)
+                        await self._send_to_some_shard(p, True, 1.5)
                         self.failovers += 1
                     except SubmitError:
                         pass  # tried again on the next round

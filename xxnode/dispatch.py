@@ -80,6 +80,8 @@ class Dispatcher:
         self.ep: wire.Endpoint | None = None
         self._tasks: set[asyncio.Task] = set()
         self._kick = asyncio.Event()
+        self._confirmed = 0.0
+        self.refresh_s = 1.0  # confirm a listing at least this often
 
     async def start(self, bind: Addr, codec: wire.Codec, drop: float = 0.0, seed=None) -> Addr:
         self.ep = await wire.open_endpoint(bind, codec, self.handle, drop, seed)
@@ -206,6 +208,9 @@ class Dispatcher:
 
     async def _idle_step(self, free: int, running: int) -> None:
         act = _idle_action(self.listing, free, self.ex.total_bytes, running, self.params)
+        now = time.monotonic()
+        if act is None and self.listing is not None and now - self._confirmed > self.refresh_s:
+            act = UPDATE  # keep-alive: a listing on a dead shard must not go unnoticed
         body = {"node": self.node_id, "free": free, "total": self.ex.total_bytes, "jobs": running}
         try:
             if act == JOIN:
@@ -213,9 +218,11 @@ class Dispatcher:
                 if shard is not None:
                     await self.ep.request(shard, Message("idle_join", body), timeout=1.0)
                     self.listing = Listing(shard, free, running)
+                    self._confirmed = now
             elif act == UPDATE:
                 await self.ep.request(self.listing.shard, Message("idle_update", body), timeout=1.0)
                 self.listing = Listing(self.listing.shard, free, running)
+                self._confirmed = now
             elif act == LEAVE:
                 shard, self.listing = self.listing.shard, None
                 await self.ep.request(

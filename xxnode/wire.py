@@ -448,7 +448,7 @@ Addr = tuple[str, int]
 
 def parse_addr(text: str) -> Addr:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r}: expected HOST:PORT")
     return host, int(port)
 

@@ -9,7 +9,7 @@ import sys
 
 # Modules under xxnode.ctl that provide register(subparsers); each subcommand sets
 # `func(args) -> int` as its handler.
-COMMAND_MODULES = ("doctor", "node_cmds")
+COMMAND_MODULES = ("doctor", "node_cmds", "cluster_cmds")
 
 
 class UsageError(Exception):

@@ -1,0 +1,132 @@
+"""xxctl submit | shards | idle | nodes -- talk to XX shards over the cluster protocol.
+
+--shard HOST:PORT[,HOST:PORT...] (or $XX_SHARDS) lists the shards, tried in order: a
+submission fails over to the next one.  --key-file (or $XX_CLUSTER_KEY_FILE, else
+/etc/xx/cluster.key) is the cluster key.  `submit --wait` stays as the job's arbiter
+until it is done and exits with its status (see xxnode.cluster_client); without
+--wait it prints the job id once a shard has accepted the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from xxnode import wire
+from xxnode.cluster_client import ClusterClient, SubmitError, key_from_env
+
+
+class _Usage(Exception):
+    pass
+
+
+def register(sub) -> None:
+    def add(name: str, help: str, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--shard", metavar="HOST:PORT[,...]", help="shards (default: $XX_SHARDS)")
+        p.add_argument("--key-file", metavar="FILE", help="cluster key file")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=lambda args: _guard(func, args))
+        return p
+
+    p = add("submit", "submit a command to the cluster in a price class", cmd_submit)
+    p.add_argument("--class", dest="cls", metavar="C", required=True, help="price class")
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+    p.add_argument("--timeout", type=float, metavar="S", help="job wall-clock limit")
+    p.add_argument("--stdin", metavar="FILE", help="job input from FILE ('-': ours), <= 6 MB")
+    p.add_argument("cmd", nargs="+", metavar="CMD", help="-- CMD [ARGS...]")
+    add("shards", "each shard's queues, idle-list length, nodes and drop counters", cmd_shards)
+    add("idle", "each shard's idle list", cmd_idle)
+    add("nodes", "the nodes each shard hears from", cmd_nodes)
+
+
+def _guard(func, args) -> int:
+    try:
+        return asyncio.run(func(args))
+    except (_Usage, SubmitError, ValueError, OSError) as e:
+        print(f"xxctl {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _client(args) -> ClusterClient:
+    text = args.shard or os.environ.get("XX_SHARDS")
+    if not text:
+        raise _Usage("no shards: give --shard HOST:PORT[,...] or set $XX_SHARDS")
+    shards = [wire.parse_addr(s.strip()) for s in text.split(",") if s.strip()]
+    return ClusterClient(shards, key_from_env(args.key_file))
+
+
+async def cmd_submit(args) -> int:
+    payload = b""
+    if args.stdin:
+        payload = sys.stdin.buffer.read() if args.stdin == "-" else open(args.stdin, "rb").read()
+    spec: dict = {"argv": args.cmd}
+    if args.timeout is not None:
+        spec["timeout"] = args.timeout
+    async with _client(args) as c:
+        jid = await c.submit(args.cls, spec, payload, wait=args.wait)
+        if not args.wait:
+            print(json.dumps({"job": jid.hex()}) if args.json else jid.hex())
+            return 0
+        res = await c.result(jid)
+    if args.json:
+        print(json.dumps({"job": jid.hex(), **res}, indent=2))
+    else:
+        sys.stdout.write(res.get("stdout", ""))
+        if res.get("error"):
+            print(f"xxctl submit: {res['error']}", file=sys.stderr)
+    st = int(res.get("status", 1))
+    return st if 0 <= st < 256 else 1
+
+
+async def _status(args, what: str) -> list[dict]:
+    async with _client(args) as c:
+        return await c.status(what)
+
+
+async def cmd_shards(args) -> int:
+    rows = await _status(args, "shard")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'SHARD':22} {'QUEUED':>24} {'IDLE':>5} {'NODES':>5} {'PLACED':>7} {'DONE':>7} DROPPED")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['addr']:22} {r['error']}")
+            continue
+        q = " ".join(f"{k}={v}" for k, v in r["queued"].items())
+        dropped = sum(r["dropped"].values())
+        print(
+            f"{r['addr']:22} {q:>24} {r['idle']:>5} {r['nodes']:>5} "
+            f"{r['counts']['placed']:>7} {r['counts']['done']:>7} {dropped}"
+        )
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+async def cmd_idle(args) -> int:
+    rows = await _status(args, "idle")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['addr']}: {r.get('error', '')}")
+        for e in r.get("idle", []):
+            print(f"  {e['node']:24} free {e['free'] >> 20:>8} MiB  jobs {e['jobs']}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+async def cmd_nodes(args) -> int:
+    rows = await _status(args, "nodes")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['addr']}: {r.get('error', '')}")
+        for n in r.get("nodes", []):
+            print(
+                f"  {n['node']:24} {n['addr']:22} seen {n['age']:.2f}s ago  "
+                f"free {n['free'] >> 20} MiB  jobs {n['jobs']}  {'idle' if n['idle'] else ''}"
+            )
+    return 0 if all("error" not in r for r in rows) else 1
