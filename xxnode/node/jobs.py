@@ -173,6 +173,8 @@ def make_result(
                 state, reason = "timeout", f"timed out after {job.spec['timeout']:g} s"
             elif sig is not None and job.kill_reason:
                 state, reason = "killed", job.kill_reason
+            elif sig is not None and oom_kills:
+                state, reason = "oom_killed", f"killed by the kernel's OOM killer ({signame(sig)})"
             elif sig is not None:
                 state, reason = "failed", f"killed by {signame(sig)}"
             elif exit_code == 0:
