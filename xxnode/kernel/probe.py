@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xxnode.kernel import psi, sched, swap
+from xxnode.kernel import rt_group as rt_group_mod
 from xxnode.kernel.cgroup import Cgroup, CgroupError, find_cgroup2_mount
 
 MiB = 1 << 20
@@ -205,7 +206,7 @@ class Prober:
         return True, f"enabled in a scratch cgroup; {knob} set and read back"
 
     def cpu_controller(self) -> tuple[bool, str]:
-        rt_group = rt_group_sched()
+        rt_group = rt_group_mod.detect()[0]
         ok, detail = self.controller("cpu", "cpu.weight", "50")
         if not ok:
             if rt_group:
@@ -327,16 +328,6 @@ class Prober:
 
 def probe_all() -> list[Capability]:
     return Prober().results()
-
-
-def rt_group_sched() -> bool:
-    """True if the kernel was built with CONFIG_RT_GROUP_SCHED (config file or the v1 knob)."""
-    release = os.uname().release
-    with contextlib.suppress(OSError):
-        for line in Path(f"/boot/config-{release}").read_text().splitlines():
-            if line.startswith("CONFIG_RT_GROUP_SCHED="):
-                return line.endswith("=y")
-    return any(Path(p).exists() for p in ("/sys/fs/cgroup/cpu/cpu.rt_runtime_us",))
 
 
 # -- bpf(2), just enough to prove the syscall works -------------------------------------------
