@@ -46,7 +46,7 @@ class ClusterClient:
         key: bytes,
         drop: float = 0.0,
         seed: int | None = None,
-        shard_dead_after: float = 1.5,
+        shard_dead_after: float = 3.0,
         spread: bool = False,
     ) -> None:
         if not shards:
@@ -55,6 +55,7 @@ class ClusterClient:
         self.codec = wire.Codec(key)
         self.drop, self.seed = drop, seed
         self.shard_dead_after = shard_dead_after
+        self.rounds = 4  # passes over the shard list before a submit gives up
         self.spread = spread  # round-robin submissions over the shards (a load balancer)
         self._rr = 0
         self.ep: wire.Endpoint | None = None
@@ -155,7 +156,7 @@ class ClusterClient:
         last = None
         try:
             start = p.shard if self.spread else self._cur
-            for i in range(len(self.shards)):
+            for i in range(self.rounds * len(self.shards)):
                 idx = (start + i) % len(self.shards)
                 if self.spread and idx in self._dead and i + 1 < len(self.shards):
                     continue

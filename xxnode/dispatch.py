@@ -186,25 +186,30 @@ class Dispatcher:
 
     # idle list -------------------------------------------------------------------------
     async def _loop(self) -> None:
+        self._spawn(self._heartbeat())
         while True:
             free, running = self.ex.snapshot()
-            hello = Message(
-                "hello",
-                {
-                    "node": self.node_id,
-                    "free": max(free, 0),
-                    "total": self.ex.total_bytes,
-                    "jobs": running,
-                },
-            )
-            for s in self.shards:
-                self.ep.send(s, hello)
             await self._idle_step(max(free, 0), running)
             self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), self.heartbeat_s)
             except TimeoutError:
                 pass
+
+    async def _heartbeat(self) -> None:
+        """HELLO to every shard on its own timer: an idle-list exchange stuck on a dead
+        shard must not silence us towards the live ones (they would declare us dead)."""
+        while True:
+            free, running = self.ex.snapshot()
+            body = {
+                "node": self.node_id,
+                "free": max(free, 0),
+                "total": self.ex.total_bytes,
+                "jobs": running,
+            }
+            for s in self.shards:
+                self.ep.send(s, Message("hello", body))
+            await asyncio.sleep(self.heartbeat_s)
 
     async def _idle_step(self, free: int, running: int) -> None:
         act = _idle_action(self.listing, free, self.ex.total_bytes, running, self.params)

@@ -486,6 +486,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self.payloads: dict[bytes, bytes] = {}  # digest -> payload we serve to FETCH
         self._fetches: dict[bytes, tuple[Reassembly, asyncio.Event]] = {}
         self.stats: Counter[str] = Counter()
+        self.srtt, self.rttvar = 0.0, 0.0  # smoothed round trip of our requests (s)
 
     # asyncio plumbing
     def connection_made(self, transport) -> None:
@@ -532,20 +533,32 @@ class Endpoint(asyncio.DatagramProtocol):
         self._pending[rid] = fut
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        rto = first_rto
+        # TCP-style: never retransmit sooner than the measured round trip allows, or a
+        # busy receiver is buried under copies of what it has not yet read (collapse)
+        rto = min(max(first_rto, self.srtt + 4 * self.rttvar), max_rto)
+        t_first = loop.time()
+        sends = 0
         try:
             while True:
                 self._send(self.codec.encode(msg, rid), addr)
+                sends += 1
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError(f"{msg.kind} to {fmt_addr(addr)}: no answer")
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), min(rto, left))
+                    rep = await asyncio.wait_for(asyncio.shield(fut), min(rto, left))
+                    if sends == 1:  # Karn: sample only unambiguous round trips
+                        self._rtt_sample(loop.time() - t_first)
+                    return rep
                 except TimeoutError:
                     self.stats["retransmits"] += 1
                     rto = min(rto * 2, max_rto)
         finally:
             self._pending.pop(rid, None)
+
+    def _rtt_sample(self, r: float) -> None:
+        self.rttvar += 0.25 * (abs(self.srtt - r) - self.rttvar)
+        self.srtt += 0.125 * (r - self.srtt)
 
     def datagram_received(self, data: bytes, addr) -> None:
         try:

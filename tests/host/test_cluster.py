@@ -153,7 +153,7 @@ def _assert_exactly_once(cluster: Cluster, results: dict[bytes, dict], ids: list
         assert ran[jid.hex()] == 1, f"job {jid.hex()} reported done but ran {ran[jid.hex()]}x"
 
 
-async def _submit_all(client, n, seed=1, window=200):
+async def _submit_all(client, n, seed=1, window=100):
     """Submit n jobs with at most ``window`` outstanding; returns ids and results."""
     rng = random.Random(seed)
     ids: list[bytes] = []
@@ -229,7 +229,8 @@ def test_10_percent_datagram_loss(cluster_factory):
     ids, results, retransmits, dropped = asyncio.run(go())
     _assert_exactly_once(cl, results, ids)
     assert dropped > 0 and retransmits > 0
-    assert all(r["status"] == 0 for r in results.values())
+    bad = [r for r in results.values() if r["status"] != 0]
+    assert bad == []
 
 
 def test_kill_9_a_node_mid_run(cluster_factory):
@@ -242,11 +243,12 @@ def test_kill_9_a_node_mid_run(cluster_factory):
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
             await _wait_registered(c, 3)
             rng = random.Random(4)
-            specs = [(rng.choice(CLASSES), {"sleep": 0.2}) for _ in range(120)]
-            ids = [await c.submit(cls, spec) for cls, spec in specs]
+            specs = [(rng.choice(CLASSES), {"sleep": 0.5}) for _ in range(120)]
+            submitting = asyncio.gather(*(c.submit(cls, spec) for cls, spec in specs))
             while not (victim_rec.exists() and victim_rec.read_text().count("\n") >= 3):
-                await asyncio.sleep(0.02)
-            victim.send_signal(signal.SIGKILL)
+                await asyncio.sleep(0.01)  # an executor's file: no event to wait on
+            victim.send_signal(signal.SIGKILL)  # its jobs sleep 0.5 s: some are running
+            ids = await submitting
             done = await asyncio.gather(*(c.result(j, 60) for j in ids))
             results = dict(zip(ids, done, strict=True))
             return ids, results

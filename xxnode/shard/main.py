@@ -7,7 +7,7 @@ Config (TOML)::
     key_file = "/etc/xx/cluster.key"   # >= 16 bytes (hex or raw), shared by the cluster
     probe_k = 2                        # machines probed when the idle list is empty
     head_policy = "strict"             # or "aging" (xxnode.policy.multiqueue)
-    dead_after = 1.5                   # seconds of node silence before it is declared dead
+    dead_after = 3.0                   # seconds of node silence before it is declared dead
     place_timeout = 1.0
     [[class]] ...                      # optional; default: the built-in node classes
 

@@ -67,7 +67,7 @@ class Node:
 class ShardParams:
     probe_k: int = 2
     head_policy: str = "strict"
-    dead_after: float = 1.5  # seconds of silence before a node is declared dead
+    dead_after: float = 3.0  # seconds of silence before a node is declared dead
     place_timeout: float = 1.0  # PLACE unanswered this long: the job goes back in queue
     probe_timeout: float = 0.5
     refuse_backoff: float = 0.05
@@ -92,7 +92,16 @@ class Shard:
         self.finished: OrderedDict[bytes, int] = OrderedDict()
         self.grants: dict[bytes, str] = {}
         self.counts: dict[str, int] = dict.fromkeys(
-            ("submitted", "placed", "refused", "place_timeouts", "done", "requeued", "nodes_lost"),
+            (
+                "submitted",
+                "placed",
+                "refused",
+                "place_timeouts",
+                "done",
+                "denied",
+                "requeued",
+                "nodes_lost",
+            ),
             0,
         )
         self.ep: wire.Endpoint | None = None
@@ -214,6 +223,7 @@ class Shard:
             if job.node == m.node:  # that placement ran nothing; the job lives elsewhere
                 self._unplace(job)
                 self._finish(job, m.status)
+                self.counts["denied"] += 1
             return None
         if job.state == "placing":  # this DONE overtook the node's ACCEPT
             self.counts["placed"] += 1
@@ -397,7 +407,8 @@ class Shard:
         self.finished[job.id] = status
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
-        self.counts["done"] += 1
+        if status != wire.DENIED:
+            self.counts["done"] += 1
         self._wake.set()
 
     # failure detection -----------------------------------------------------------------
