@@ -201,10 +201,10 @@ def test_kill_9_a_shard_mid_run(cluster_factory):
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
             await _wait_registered(c, 3)
             task = asyncio.ensure_future(_submit_all(c, 400, seed=2, window=100))
-            while sum(1 for p in c.pending.values() if p.result) < 1 and not task.done():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)  # well into the run
-            victim.send_signal(signal.SIGKILL)
+            while sum(1 for p in c.pending.values() if p.result) < 10 and not task.done():
+                await asyncio.sleep(0.01)  # results land in client state: polled
+            assert not task.done()
+            victim.send_signal(signal.SIGKILL)  # mid-run: most jobs not yet submitted
             ids, results = await task
             rows = await c.status("shard")
             return ids, results, rows, c.failovers
