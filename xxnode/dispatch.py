@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import os
 import random
 import signal
@@ -266,8 +267,15 @@ class SyntheticExecutor:
         per_job_bytes: int = 256 << 20,
         record: str | None = None,
         refuse_when_free_below: int = 0,
+        slots: int = 0,
+        ranks: dict[str, int] | None = None,
     ) -> None:
         self.total_bytes = total_bytes
+        # slots > 0: at most that many jobs run at once and a waiting job of a higher
+        # class (by ``ranks``) starts first -- the machine scheduler in miniature
+        self.slots, self._free, self.ranks = slots, slots, ranks or {}
+        self._waiting: list = []  # heap of (-rank, seq, future)
+        self._seq = 0
         self.per_job = per_job_bytes
         self.running = 0
         self.refuse_below = refuse_when_free_below
@@ -282,10 +290,37 @@ class SyntheticExecutor:
             return f"memory critically full ({free} bytes free)"
         return None
 
+    async def _acquire(self, cls: str) -> None:
+        if not self.slots:
+            return
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._waiting, (-self.ranks.get(cls, 0), self._seq, fut))
+        await fut  # the releasing job hands its slot over
+
+    def _release(self) -> None:
+        if not self.slots:
+            return
+        while self._waiting:
+            fut = heapq.heappop(self._waiting)[2]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
     async def run(self, job: ClusterJob) -> dict:
         self.running += 1
         t0 = time.monotonic()
+        await self._acquire(job.cls)
         try:
+            if "spin" in job.spec:  # burn a CPU in a child, as a CPU-bound function would
+                spin = float(job.spec["spin"])
+                code = f"import time\ne=time.time()+{spin}\nwhile time.time()<e: pass"
+                p = await asyncio.create_subprocess_exec(sys.executable, "-S", "-c", code)
+                await p.wait()
             if self._fd >= 0:
                 os.write(self._fd, job.id.hex().encode() + b"\n")
             argv = job.spec.get("argv")
@@ -303,6 +338,7 @@ class SyntheticExecutor:
                 await asyncio.sleep(float(job.spec.get("sleep", 0.0)))
                 status, extra = 0, {"input_bytes": len(job.payload)}
         finally:
+            self._release()
             self.running -= 1
         return {"status": status, "wall_s": round(time.monotonic() - t0, 6), **extra}
 
@@ -349,6 +385,12 @@ class XxnodeExecutor:
             self.running -= 1
 
 
+def _default_ranks() -> dict[str, int]:
+    from xxnode import config
+
+    return config.load(config.DEFAULT_CONFIG).classes.ranks()
+
+
 def _meminfo(key: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -369,6 +411,8 @@ async def _serve(args) -> None:
             total_bytes=args.total_mb << 20,
             per_job_bytes=args.per_job_mb << 20,
             record=args.record,
+            slots=args.slots,
+            ranks=_default_ranks() if args.slots else None,
         )
     shards = [wire.parse_addr(s) for s in args.shards.split(",")]
     d = Dispatcher(args.node_id, shards, ex, k=args.k, heartbeat_s=args.heartbeat)
@@ -396,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", help="synthetic: append each executed job id to FILE")
     ap.add_argument("--total-mb", type=int, default=16384)
     ap.add_argument("--per-job-mb", type=int, default=256)
+    ap.add_argument("--slots", type=int, default=0, help="synthetic: jobs at once (0: any)")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--heartbeat", type=float, default=0.25)
     args = ap.parse_args(argv)
