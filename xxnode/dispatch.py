@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import heapq
 import os
 import random
@@ -336,7 +337,11 @@ class SyntheticExecutor:
                 extra = {"stdout": out[:4096].decode(errors="replace")}
             else:
                 await asyncio.sleep(float(job.spec.get("sleep", 0.0)))
-                status, extra = 0, {"input_bytes": len(job.payload)}
+                status = 0
+                extra = {
+                    "input_bytes": len(job.payload),
+                    "input_sha256": hashlib.sha256(job.payload).hexdigest(),
+                }
         finally:
             self._release()
             self.running -= 1

@@ -334,3 +334,57 @@ def test_bad_datagrams_dropped_counted_state_unchanged(cluster_factory):
     assert sum(after["dropped"].values()) - sum(before["dropped"].values()) == sent[shard_addr]
     assert after["dropped"].get("bad_mac", 0) > 0 and after["dropped"].get("replayed", 0) > 0
     assert after["nodes"] == before["nodes"]
+
+
+def test_6mb_input_reaches_the_node_intact_under_loss(cluster_factory):
+    """The input travels client -> shard -> node as pulled fragments, 5 % loss each way."""
+    cl = cluster_factory(n_shards=2, n_nodes=1, drop=0.05)
+    payload = os.urandom(wire.MAX_PAYLOAD)
+
+    async def go():
+        async with ClusterClient(cl.shard_addrs, cl.key, drop=0.05, seed=9) as c:
+            await _wait_registered(c, 1)
+            return await c.run("low", {"sleep": 0}, payload, timeout=120)
+
+    res = asyncio.run(go())
+    assert res["status"] == 0
+    assert res["input_bytes"] == len(payload)
+    assert res["input_sha256"] == wire.digest(payload).hex()
+
+
+def test_refused_placement_stays_queued_then_runs():
+    """A node refusing (memory critically full) keeps the job in the shard's queue; the
+    head policy sends it again, and it runs once the node admits it."""
+    from xxnode.dispatch import Dispatcher, SyntheticExecutor
+    from xxnode.shard.main import default_classes
+    from xxnode.shard.server import Shard
+
+    class Refusing(SyntheticExecutor):
+        refusals = 0
+
+        def admit(self, cls):
+            if self.refusals < 3:
+                self.refusals += 1
+                return "memory critically full"
+            return None
+
+    async def go():
+        key = os.urandom(32)
+        shard = Shard(default_classes())
+        addr = await shard.start(("127.0.0.1", 0), wire.Codec(key))
+        ex = Refusing()
+        d = Dispatcher("n0", [addr], ex, heartbeat_s=0.1)
+        await d.start(("127.0.0.1", 0), wire.Codec(key))
+        try:
+            async with ClusterClient([addr], key) as c:
+                await _wait_registered(c, 1)
+                res = await c.run("high", {"sleep": 0}, timeout=20)
+            return res, dict(shard.counts), ex.refusals
+        finally:
+            d.close()
+            shard.close()
+
+    res, counts, refusals = asyncio.run(go())
+    assert res["status"] == 0 and res["node"] == "n0"
+    assert refusals == 3 and counts["refused"] == 3 and counts["requeued"] >= 3
+    assert counts["placed"] == 1 and counts["done"] == 1
