@@ -230,7 +230,10 @@ class ClusterClient:
                 rep = await self.ep.request(a, Message("status", {"what": what}), timeout=timeout)
                 return {"addr": wire.fmt_addr(a), **rep.data}
             except TimeoutError:
-                return {"addr": wire.fmt_addr(a), "error": "no answer"}
+                return {
+                    "addr": wire.fmt_addr(a),
+                    "error": "no answer (down, or another cluster key)",
+                }
 
         return list(await asyncio.gather(*(one(a) for a in self.shards)))
 
