@@ -8,8 +8,11 @@ PYTEST_VM_FLAGS := -q -p no:cacheprovider
 setup:
 	@tools/setup
 
+# What this kernel gives XX, then a local cluster (2 shards, a real xxnode) under mixed load.
 demo: setup
 	@$(VENV)/bin/xxctl doctor
+	@echo
+	@$(PY) tools/demo_cluster
 
 test: setup lint test-host test-vm
 

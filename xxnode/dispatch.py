@@ -363,7 +363,7 @@ class XxnodeExecutor:
     async def run(self, job: ClusterJob) -> dict:
         import base64
 
-        from xxnode.node.client import Client
+        from xxnode.node.client import DaemonError, call_async
 
         req = {"op": "run", "class": job.cls, "argv": job.spec.get("argv", []), "wait": True}
         for k in ("env", "cwd", "timeout"):
@@ -372,22 +372,21 @@ class XxnodeExecutor:
         if job.payload:
             req["stdin"] = base64.b64encode(job.payload).decode()
 
-        def call() -> dict:
-            with Client(self.socket, timeout=None) as c:
-                c.call(req)
-                fin = c.recv()
-            if not fin.get("ok"):
-                return {"status": wire.FAILED_START, "error": fin.get("error", "")}
-            res = dict(fin.get("result", {}))
-            res.setdefault("status", res.get("exit_status", 0))
-            res["stdout"] = fin.get("stdout", "")[:4096]
-            return res
-
         self.running += 1
         try:
-            return await asyncio.to_thread(call)
+            msgs = await call_async(req, self.socket, replies=2)
+        except (OSError, DaemonError) as e:
+            return {"status": wire.FAILED_START, "error": str(e)}
         finally:
             self.running -= 1
+        fin = msgs[-1]
+        if len(msgs) < 2 or not fin.get("ok", True):
+            return {"status": wire.FAILED_START, "error": fin.get("error", "")}
+        res = dict(fin.get("result", {}))
+        code, sig = res.get("exit_code"), res.get("signal")
+        res["status"] = code if code is not None else (128 + sig if sig else wire.FAILED_START)
+        res["stdout"] = fin.get("stdout", "")[:4096]
+        return res
 
 
 def _default_ranks() -> dict[str, int]:

@@ -63,3 +63,28 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+async def call_async(req: dict, path: str | Path | None = None, replies: int = 1) -> list[dict]:
+    """The same protocol from an event loop: send one request, read `replies` lines. Each
+    call has its own connection, so a long-running job never holds up a short one."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(
+        str(socket_path(str(path) if path else None))
+    )
+    try:
+        writer.write((json.dumps(req) + "\n").encode())
+        await writer.drain()
+        out = []
+        for _ in range(replies):
+            line = await reader.readline()
+            if not line:
+                raise DaemonError("xxnode closed the connection")
+            msg = json.loads(line)
+            out.append(msg)
+            if not msg.get("ok", True):
+                break
+        return out
+    finally:
+        writer.close()
