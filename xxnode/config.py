@@ -39,6 +39,7 @@ class NodeConfig:
     max_timeout: float
     keep_finished: int
     memory: MemoryConfig = MemoryConfig()
+    cluster: object = None  # node.cluster.ClusterConfig when [cluster] names shards
     source: str = ""
 
 
@@ -69,11 +70,18 @@ def _int(node: Mapping, key: str) -> int:
 
 
 def parse(data: Mapping, source: str = "") -> NodeConfig:
-    unknown = set(data) - {"node", "class", "memory"}
+    unknown = set(data) - {"node", "class", "memory", "cluster"}
     if unknown:
         raise ConfigError(
-            f"{sorted(unknown)[0]}: unknown table (expected [node], [memory], [[class]])"
+            f"{sorted(unknown)[0]}: unknown table (expected [node], [memory], [cluster], [[class]])"
         )
+    cluster = None
+    if "cluster" in data:
+        from xxnode.node.cluster import ClusterConfig
+
+        if not isinstance(data["cluster"], Mapping):
+            raise ConfigError("cluster: must be a table")
+        cluster = ClusterConfig.from_dict(dict(data["cluster"]))
     mem = data.get("memory", {})
     if not isinstance(mem, Mapping):
         raise ConfigError("memory: must be a table")
@@ -131,6 +139,7 @@ def parse(data: Mapping, source: str = "") -> NodeConfig:
         max_timeout=nums["max_timeout"],
         keep_finished=ints["keep_finished"],
         memory=memory,
+        cluster=cluster,
         source=source,
     )
 

@@ -406,10 +406,19 @@ class Node:
         self._after_start = self._after_start_watch = []
         self.dispatch()
         memory_task = self.loop.create_task(self.memory.run())
+        self.dispatcher = None
+        if self.cfg.cluster is not None:
+            from xxnode.node import cluster
+
+            self.dispatcher = await cluster.start(self, self.cfg.cluster)
+            log.info("dispatcher %s serving shards %s", self.dispatcher.node_id,
+                     ", ".join(self.cfg.cluster.shards))  # fmt: skip
         try:
             await server_factory(self)
         finally:
             memory_task.cancel()
+            if self.dispatcher is not None:
+                self.dispatcher.close()
 
     _after_start: list = []
     _after_start_watch: list = []
