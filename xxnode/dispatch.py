@@ -56,7 +56,7 @@ class Executor(Protocol):
     def snapshot(self) -> tuple[int, int]: ...
 
 
-class Dispatcher:
+class Dispatcher(wire.Service):
     def __init__(
         self,
         node_id: str,
@@ -80,7 +80,6 @@ class Dispatcher:
         self.jobs: OrderedDict[bytes, str] = OrderedDict()  # id -> accepted|running|done|denied
         self.counts = dict.fromkeys(("accepted", "refused", "ran", "denied", "failed"), 0)
         self.ep: wire.Endpoint | None = None
-        self._tasks: set[asyncio.Task] = set()
         self._kick = asyncio.Event()
         self._confirmed = 0.0
         self.refresh_s = 1.0  # confirm a listing at least this often
@@ -89,18 +88,6 @@ class Dispatcher:
         self.ep = await wire.open_endpoint(bind, codec, self.handle, drop, seed)
         self._spawn(self._loop())
         return self.ep.addr
-
-    def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        if self.ep is not None:
-            self.ep.close()
-
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     # requests from shards --------------------------------------------------------------
     def handle(self, hdr: wire.Header, msg: Message, addr: Addr):

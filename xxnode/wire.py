@@ -741,3 +741,23 @@ def drop_from_env() -> tuple[float, int | None]:
         return 0.0, None
     p, _, s = v.partition(":")
     return float(p), (int(s) if s else None)
+
+
+class Service:
+    """A daemon on one endpoint with background tasks (the shard, the node's dispatcher):
+    what they share of starting and stopping."""
+
+    ep: Endpoint | None = None
+
+    def _spawn(self, coro) -> asyncio.Task:
+        tasks = self.__dict__.setdefault("_tasks", set())
+        t = asyncio.ensure_future(coro)
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+        return t
+
+    def close(self) -> None:
+        for t in list(self.__dict__.get("_tasks", ())):
+            t.cancel()
+        if self.ep is not None:
+            self.ep.close()

@@ -46,15 +46,6 @@ def open_gate(p: Path) -> None:
     os.close(fd)
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path / "node", max_running=4)
-    d.start()
-    yield d
-    d.cleanup()
-    assert not d.cgroup.exists()
-
-
 def xxctl(d: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*XXCTL, *args], env=d.env(), capture_output=True, text=True, timeout=60, input=stdin

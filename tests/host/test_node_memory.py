@@ -4,18 +4,7 @@ what is off."""
 
 import subprocess
 
-import pytest
-
 from tests.node_memory_checks import check_memory_report, check_oom_order
-from xxnode.node.harness import Daemon
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path / "node", max_running=4)
-    d.start()
-    yield d
-    d.cleanup()
 
 
 def test_jobs_get_their_class_oom_rank_before_they_run(daemon):

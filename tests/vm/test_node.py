@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,18 @@ def test_pids_max_bounds_a_fork_bomb(daemon):
     assert not (daemon.cgroup.path / "low" / res["job"]).exists()
 
 
+def spinning(d: Daemon, cls: str, jobs: list[str], cpu_ms: int = 100) -> None:
+    """Return once every load job has used `cpu_ms` of CPU: under TCG a job takes seconds
+    to start, and a probe measured before the load runs measures nothing. No kernel event
+    says "has used N ms", so cpu.stat is polled, bounded."""
+    deadline = time.monotonic() + 120
+    for jid in jobs:
+        leaf = Cgroup(d.cgroup.path / cls / jid)
+        while not leaf.exists() or leaf.cpu_stat().get("usage_usec", 0) < cpu_ms * 1000:
+            assert time.monotonic() < deadline, f"load job {jid} never ran"
+            time.sleep(0.05)
+
+
 def test_high_class_keeps_its_speed_on_a_saturated_node(spin, tmp_path):
     """Load 2 x CPUs low spinners; the probe's slowdown against its isolated time stays near
     1 under XX and near the load factor under processor sharing (all SCHED_OTHER)."""
@@ -113,6 +126,7 @@ def test_high_class_keeps_its_speed_on_a_saturated_node(spin, tmp_path):
             load = [
                 d.submit(load_cls, [str(spin), "load", "60"], timeout=90) for _ in range(2 * ncpu)
             ]
+            spinning(d, load_cls, load)
             loaded = sorted(probe() for _ in range(3))[1]
             for jid in load:
                 d.call({"op": "kill", "job": jid})

@@ -25,32 +25,32 @@ from pathlib import Path
 
 from cffi import FFI
 
-CDEF = """
+# The structs both sides share, written once: cffi's cdef and the C source each get it.
+STRUCTS = r"""
 struct xx_spawn {
-    int shim_cgroup_fd;
-    int job_cgroup_fd;
-    int job_dir_fd;
-    int stdin_fd;
-    int report_rd;
+    int shim_cgroup_fd;   /* CLONE_INTO_CGROUP target for S, -1: the caller's cgroup */
+    int job_cgroup_fd;    /* the job's leaf (O_DIRECTORY): J is born in it, S kills it */
+    int job_dir_fd;       /* state dir of this job: shim, stdout, stderr, exit */
+    int stdin_fd;         /* J's stdin */
+    int report_rd;        /* pipe S -> caller: struct xx_report once J has exec'd */
     int report_wr;
     int shim_policy;
     int shim_prio;
     int job_policy;
     int job_prio;
-    int oom_score_adj;    /* -1000..1000 for J; anything else: inherit */
+    int oom_score_adj;
     int set_user;
     uint32_t uid;
     uint32_t gid;
     int ngroups;
     uint32_t groups[64];
-    int64_t out_limit;
-    int64_t timeout_ns;
+    int64_t out_limit;    /* bytes kept of stdout and of stderr, each */
+    int64_t timeout_ns;   /* wall clock from J's clone; 0: none */
     const char *path;
     char **argv;
     char **envp;
     const char *cwd;
-    void *job_stack;
-    /* written by the children (shared memory) */
+    void *job_stack;      /* set by xx_spawn: J's stack inside the block */
     int j_out;
     int j_err;
     int fail_stage;
@@ -65,7 +65,10 @@ struct xx_report {
     int32_t err;
     int64_t start_ns;
 };
+"""
 
+CDEF = """
+@STRUCTS@
 void *xx_stack_alloc(void);
 void xx_stack_free(void *block);
 int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report *rep);
@@ -143,45 +146,7 @@ SOURCE = r"""
 #define XX_STAGE_SHIM_KILLED 16
 #define XX_STAGE_OOM_ADJ 17
 
-struct xx_spawn {
-    int shim_cgroup_fd;   /* CLONE_INTO_CGROUP target for S, -1: the caller's cgroup */
-    int job_cgroup_fd;    /* the job's leaf (O_DIRECTORY): J is born in it, S kills it */
-    int job_dir_fd;       /* state dir of this job: shim, stdout, stderr, exit */
-    int stdin_fd;         /* J's stdin */
-    int report_rd;        /* pipe S -> caller: struct xx_report once J has exec'd */
-    int report_wr;
-    int shim_policy;
-    int shim_prio;
-    int job_policy;
-    int job_prio;
-    int oom_score_adj;
-    int set_user;
-    uint32_t uid;
-    uint32_t gid;
-    int ngroups;
-    uint32_t groups[64];
-    int64_t out_limit;    /* bytes kept of stdout and of stderr, each */
-    int64_t timeout_ns;   /* wall clock from J's clone; 0: none */
-    const char *path;
-    char **argv;
-    char **envp;
-    const char *cwd;
-    void *job_stack;      /* set by xx_spawn: J's stack inside the block */
-    int j_out;
-    int j_err;
-    int fail_stage;
-    int fail_errno;
-    int j_started;
-};
-
-struct xx_report {
-    int32_t shim_pid;
-    int32_t job_pid;
-    int32_t stage;
-    int32_t err;
-    int64_t start_ns;
-};
-
+@STRUCTS@
 /* ---- raw syscalls: never touch errno/TLS, return -errno ---------------------------- */
 static inline long rs6(long n, long a, long b, long c, long d, long e, long f)
 {
@@ -608,10 +573,10 @@ int xx_spawn(struct xx_spawn *a, void *block, int *shim_pidfd, struct xx_report 
 
 def make_ffi() -> FFI:
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(CDEF.replace("@STRUCTS@", STRUCTS))
     ffi.set_source(
         "xxnode.kernel._clone3",
-        SOURCE,
+        SOURCE.replace("@STRUCTS@", STRUCTS),
         # S shares the daemon's memory for its whole life: no stack canary read from the
         # caller's TLS, no memcpy/memset calls emitted through the PLT.
         extra_compile_args=[

@@ -235,20 +235,7 @@ class Node:
         shutil.rmtree(jd, ignore_errors=True)
         jd.mkdir()
         c = self.classes[0]
-        shim_policy, shim_prio = c.shim_sched
-        req = clone3.SpawnRequest(
-            path="/bin/true",
-            argv=["true"],
-            env={},
-            job_cgroup=leaf.path,
-            job_dir=jd,
-            job_policy=c.sched_policy,
-            job_priority=c.priority,
-            shim_policy=shim_policy,
-            shim_priority=shim_prio,
-            user=clone3.User(self.cfg.uid, self.cfg.gid, self.cfg.groups),
-            shim_cgroup=self.shims.path,
-        )
+        req = self._spawn_request(c, leaf, jd, "/bin/true", ["true"], env={})
         try:
             try:
                 sp = clone3.spawn(req)
@@ -464,6 +451,18 @@ class Node:
             self.queue.pop_next()
             self._start(self.jobs[jid])
 
+    def _spawn_request(self, c, leaf: Cgroup, jd: Path, path: str, argv: list[str], **kw):
+        """What every launch gets from its class — policy and priority for the job and its
+        shim, the unprivileged user, the OOM rank — in one place (self-test and jobs)."""
+        shim_policy, shim_prio = c.shim_sched
+        return clone3.SpawnRequest(
+            path=path, argv=argv, job_cgroup=leaf.path, job_dir=jd,
+            job_policy=c.sched_policy, job_priority=c.priority,
+            shim_policy=shim_policy, shim_priority=shim_prio,
+            user=clone3.User(self.cfg.uid, self.cfg.gid, self.cfg.groups),
+            shim_cgroup=self.shims.path, oom_score_adj=self.memory.oom_adj(c.name), **kw,
+        )  # fmt: skip
+
     def _start(self, job: Job) -> None:
         c = self.classes.get(job.cls)
         jd = self.job_dir(job.id)
@@ -477,25 +476,12 @@ class Node:
         except (OSError, CgroupError) as e:
             self._finish_now(job, "start_failed", f"setting up: {e}")
             return
-        shim_policy, shim_prio = c.shim_sched
-        req = clone3.SpawnRequest(
-            path=job.spec["path"],
-            argv=job.spec["argv"],
-            env=J.job_env(job.spec, job.id, self.cfg),
-            cwd=job.spec["cwd"],
-            stdin=_b64(job.spec["stdin"]),
-            job_cgroup=leaf.path,
-            job_dir=jd,
-            job_policy=c.sched_policy,
-            job_priority=c.priority,
-            shim_policy=shim_policy,
-            shim_priority=shim_prio,
-            user=clone3.User(self.cfg.uid, self.cfg.gid, self.cfg.groups),
-            shim_cgroup=self.shims.path,
-            out_limit=self.cfg.output_limit,
+        req = self._spawn_request(
+            c, leaf, jd, job.spec["path"], job.spec["argv"],
+            env=J.job_env(job.spec, job.id, self.cfg), cwd=job.spec["cwd"],
+            stdin=_b64(job.spec["stdin"]), out_limit=self.cfg.output_limit,
             timeout_s=job.spec["timeout"],
-            oom_score_adj=self.memory.oom_adj(job.cls),
-        )
+        )  # fmt: skip
         job.state = "running"
         job.is_child = True
         try:

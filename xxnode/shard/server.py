@@ -73,7 +73,7 @@ class ShardParams:
     refuse_backoff: float = 0.05
 
 
-class Shard:
+class Shard(wire.Service):
     def __init__(
         self,
         classes: ClassTable,
@@ -108,7 +108,6 @@ class Shard:
         self._wake = asyncio.Event()
         self._inflight = 0
         self._probe_quiet_until = 0.0
-        self._tasks: set[asyncio.Task] = set()
         self.place_latency: list[float] = []  # seconds, submit ack -> node accepted
         self.record_latency = False
 
@@ -118,18 +117,6 @@ class Shard:
         self._spawn(self._placer())
         self._spawn(self._monitor())
         return self.ep.addr
-
-    def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        if self.ep is not None:
-            self.ep.close()
-
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     # message handling ------------------------------------------------------------------
     def handle(self, hdr: wire.Header, msg: Message, addr: Addr):
