@@ -147,8 +147,9 @@ def test_high_class_keeps_its_speed_on_a_saturated_node(spin, tmp_path):
     print(
         f"VM slowdown: XX {xx:.2f}x, processor sharing {ps:.2f}x ({ncpu} CPUs, {2 * ncpu} spinners)"
     )
-    # Under TCG the guest clock includes the host's contention between vCPU threads (the
-    # host has 2 CPUs and other work), which no guest priority can remove; so the VM lane
-    # asserts the ordering and the baseline, and reports the figures.
+    # Measured once the load really runs: XX 1.00x, processor sharing 5.69x. Under TCG the
+    # guest clock also counts the host's contention between vCPU threads, which no guest
+    # priority removes, so the bound on XX leaves room for that noise.
     assert ps >= 1.5
+    assert xx <= 1.15
     assert xx < ps
