@@ -112,7 +112,9 @@ def test_pressure_swaps_only_low_classes_and_loses_nothing(xxroot):
               f"({e.cause})")  # fmt: skip
     print("swap.current by job (MiB):", {k: v // MiB for k, v in swapped.items()})
     assert adj["image"] > adj["profile"] > adj["home"]
+    print("PSI events by trigger:", mgr.stats.psi_events_by)
     assert events, "pressure never led to a reclaim"
+    assert mgr.stats.psi_events_by.get("root", 0) > 0  # the node-wide trigger saw the stall
     assert {e.cls for e in events} <= {"image", "profile"}
     assert all(swapped[j.id] == 0 for j in high)  # the top class never swaps
     assert sum(swapped[j.id] for j in low) > 0

@@ -139,6 +139,7 @@ class Stats:
     reclaimed_by_class: dict[str, int] = field(default_factory=dict)
     prefetched_by_class: dict[str, int] = field(default_factory=dict)
     psi_events: int = 0
+    psi_events_by: dict[str, int] = field(default_factory=dict)  # root or class name
     shortfall_events: int = 0
 
 
@@ -172,6 +173,7 @@ class MemoryManager:
         self._busy = False
         self._stop = threading.Event()
         self.trigger_error: str | None = None
+        self.trigger_note = "armed"
         self.min_oom_adj = -999 if proc.has_capability(proc.CAP_SYS_RESOURCE) else 0
 
     # -- static protection -------------------------------------------------------------
@@ -384,26 +386,45 @@ class MemoryManager:
 
     # -- the loop ----------------------------------------------------------------------
     def _watch_psi(self, loop: asyncio.AbstractEventLoop) -> None:
-        """PSI triggers signal POLLPRI, which asyncio's readers do not see: poll in a thread
-        and hand each event to the loop."""
-        try:
-            trig = psi.Trigger(
-                self.root.path / "memory.pressure", "some",
-                self.cfg.psi_stall_us, self.cfg.psi_window_us,
-            )  # fmt: skip
-        except OSError as e:
-            self.trigger_error = f"{e.strerror}: PSI trigger refused; polling each tick"
-            log.warning("%s", self.trigger_error)
+        """PSI triggers signal POLLPRI, which asyncio's readers do not see: poll them in a
+        thread and hand each event to the loop. One trigger on the XX root (the node is
+        short) and one per class cgroup (which class stalls)."""
+        where = {"root": self.root} | {c: self.root.child(c) for c in self.ranks}
+        triggers: dict[int, tuple[str, psi.Trigger]] = {}
+        for name, cg in where.items():
+            stall, window = self.cfg.psi_stall_us, self.cfg.psi_window_us
+            try:
+                try:
+                    t = psi.Trigger(cg.path / "memory.pressure", "some", stall, window)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or window % 2_000_000 == 0:
+                        raise
+                    # Without CAP_SYS_RESOURCE windows must be whole multiples of 2 s:
+                    # keep the same stall share over the longer window.
+                    w2 = -(-window // 2_000_000) * 2_000_000
+                    t = psi.Trigger(cg.path / "memory.pressure", "some", stall * w2 // window, w2)
+                    self.trigger_note = f"armed with {w2 // 1_000_000} s windows (unprivileged)"
+            except OSError as e:
+                self.trigger_error = f"{e.strerror}: PSI trigger on {name} refused; polling"
+                log.warning("%s", self.trigger_error)
+                continue
+            triggers[t.fileno()] = (name, t)
+        if not triggers:
             return
-        with trig:
+        try:
             p = select.poll()
-            p.register(trig.fileno(), select.POLLPRI)
+            for fd in triggers:
+                p.register(fd, select.POLLPRI)
             while not self._stop.is_set():
-                if p.poll(200):
-                    loop.call_soon_threadsafe(self._on_psi, time.monotonic())
+                for fd, _ in p.poll(200):
+                    loop.call_soon_threadsafe(self._on_psi, time.monotonic(), triggers[fd][0])
+        finally:
+            for _, t in triggers.values():
+                t.close()
 
-    def _on_psi(self, at: float) -> None:
+    def _on_psi(self, at: float, where: str = "root") -> None:
         self.stats.psi_events += 1
+        self.stats.psi_events_by[where] = self.stats.psi_events_by.get(where, 0) + 1
         # Reaction time is measured from events that find us idle; one that arrives while
         # a reclaim runs is already being acted on.
         if self._psi_at is None and not self._busy:
@@ -470,5 +491,5 @@ class MemoryManager:
             "jobs": [asdict(j) for j in s.jobs],
             "reclaims": [asdict(e) for e in list(self.events)[-20:]],
             "stats": asdict(self.stats),
-            "trigger": self.trigger_error or "armed",
+            "trigger": self.trigger_error or self.trigger_note,
         }
