@@ -27,8 +27,11 @@ Constants, each with its reason:
   max_chunk     the largest single memory.reclaim write (64 MiB): the write blocks until
                 done, so big requests are split and the state re-read between them — a
                 PSI event or a finished job changes what is needed.
-  quiet_s       pressure-free time before prefetching (5 s): swapping back in while the
-                high class still grows would only swap out again.
+  quiet_s       pressure-free time before prefetching and thawing (5 s): swapping back in
+                while the high class still grows would only swap out again.
+  freeze_swapped  off by default; when on, a job we reclaim from is frozen (cgroup.freeze)
+                until quiet_s has passed, so it cannot fault its pages back meanwhile —
+                tools/bench_memory --active measures whether that helps.
 """
 
 from __future__ import annotations
@@ -333,10 +336,21 @@ class MemoryManager:
             "reclaimed %d MiB from %s (%s) in %.0f ms", ev.reclaimed // MiB, job.job_id,
             job.cls, ev.ms,
         )  # fmt: skip
-        if self.cfg.freeze_swapped and not job.running:
+        if self.cfg.freeze_swapped:
+            # A job whose pages we just pushed out would fault them straight back in if it
+            # ran; frozen, it waits (as a preempted job would) until the pressure is over.
             with contextlib.suppress(CgroupError):
                 leaf.freeze(True)
                 self._frozen.add(job.job_id)
+
+    def thaw(self) -> None:
+        for jid in list(self._frozen):
+            for cls in self.ranks:
+                leaf = self.root.child(cls).child(jid)
+                if leaf.exists():
+                    with contextlib.suppress(CgroupError):
+                        leaf.freeze(False)
+            self._frozen.discard(jid)
 
     def prefetch(self, s: Sample) -> int:
         """Swap jobs back in, highest class first, while headroom above target lasts."""
@@ -348,10 +362,6 @@ class MemoryManager:
             if j.swap <= 0 or j.swap > headroom:
                 continue
             leaf = self.root.child(j.cls).child(j.job_id)
-            if j.job_id in self._frozen:
-                with contextlib.suppress(CgroupError):
-                    leaf.freeze(False)
-                self._frozen.discard(j.job_id)
             for pid in leaf.procs():
                 with contextlib.suppress(OSError):
                     proc.prefetch(pid)
@@ -380,8 +390,10 @@ class MemoryManager:
             for job, n in chosen:
                 self.reclaim(job, n, cause, woke_at)
             return True
-        if self.cfg.prefetch and s.at - self._last_pressure >= self.cfg.quiet_s:
-            self.prefetch(s)
+        if s.at - self._last_pressure >= self.cfg.quiet_s:
+            if self.cfg.prefetch:
+                self.prefetch(s)  # before thawing: bring pages back before the job wants them
+            self.thaw()
         return False
 
     # -- the loop ----------------------------------------------------------------------
