@@ -39,6 +39,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"XX"
 VERSION = 1
@@ -170,8 +171,7 @@ class Message:
             raise AttributeError(name) from None
 
 
-@dataclass(slots=True, frozen=True)
-class Header:
+class Header(NamedTuple):
     sender: int
     seq: int
     ts_ms: int
@@ -258,6 +258,106 @@ def _unpack_body(kind: str, body: bytes) -> dict:
     return f
 
 
+# --- compiled codecs --------------------------------------------------------------------
+# The schemas are fixed, so each type gets a generated pack and unpack function: no
+# per-field dispatch, precompiled struct.Struct objects, the body read in place (no
+# copy of it).  Same wire format and the same refusals as _pack_body/_unpack_body, which
+# stay as the reference ("legacy") codec: tests check the two agree, and
+# XX_WIRE_CODEC=legacy selects them (tools/bench_shard --compare).
+
+_FIXED = {"B": struct.Struct(">B"), "i": struct.Struct(">i"), "I": struct.Struct(">I")}
+_FIXED["Q"] = struct.Struct(">Q")
+_LEN = {"s": struct.Struct(">H"), "y": struct.Struct(">I"), "j": struct.Struct(">I")}
+_json_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json_bytes(v) -> bytes:
+    if type(v) is dict and not v:
+        return b"{}"
+    return _json_compact(v).encode()
+
+
+def _json_obj(raw, kind: str, name: str) -> dict:
+    if raw == b"{}":
+        return {}
+    v = json.loads(bytes(raw))
+    if not isinstance(v, dict):
+        raise Malformed(f"{kind}.{name}: not a JSON object")
+    return v
+
+
+def _compile(kind: str, schema: tuple[tuple[str, str], ...]) -> tuple[Callable, Callable]:
+    g = {"_json_bytes": _json_bytes, "_json_obj": _json_obj, "Truncated": Truncated}
+    g["Malformed"] = Malformed
+    for t, st in _FIXED.items():
+        g[f"_p{t}"], g[f"_u{t}"] = st.pack, st.unpack_from
+    for t, st in _LEN.items():
+        g[f"_pl{t}"], g[f"_ul{t}"] = st.pack, st.unpack_from
+    enc = ["def enc(f):"]
+    parts = []
+    dec = ["def dec(b, p, n):", "    f = {}"]
+    for i, (name, t) in enumerate(schema):
+        v = f"v{i}"
+        enc.append(f"    {v} = f[{name!r}]")
+        if t in _FIXED:
+            parts.append(f"_p{t}({v})")
+            size = _FIXED[t].size
+            dec += [
+                f"    if p + {size} > n: raise Truncated('{kind}.{name}')",
+                f"    f[{name!r}] = _u{t}(b, p)[0]",
+                f"    p += {size}",
+            ]
+        elif t in "JD":
+            size = 16 if t == "J" else 32
+            enc += [
+                f"    if len({v}) != {size}:",
+                f"        raise ValueError('{kind}.{name}: need {size} bytes')",
+            ]
+            parts.append(v)
+            dec += [
+                f"    if p + {size} > n: raise Truncated('{kind}.{name}')",
+                f"    f[{name!r}] = b[p : p + {size}]",
+                f"    p += {size}",
+            ]
+        else:
+            conv = {"s": f"{v}.encode()", "y": f"bytes({v})", "j": f"_json_bytes({v})"}[t]
+            enc.append(f"    {v} = {conv}")
+            parts += [f"_pl{t}(len({v}))", v]
+            lsize = _LEN[t].size
+            dec += [
+                f"    if p + {lsize} > n: raise Truncated('{kind}.{name}')",
+                f"    q = p + {lsize} + _ul{t}(b, p)[0]",
+                f"    if q > n: raise Truncated('{kind}.{name}')",
+            ]
+            if t == "s":
+                dec.append(f"    f[{name!r}] = b[p + {lsize} : q].decode()")
+            elif t == "y":
+                dec.append(f"    f[{name!r}] = b[p + {lsize} : q]")
+            else:
+                dec.append(f"    f[{name!r}] = _json_obj(b[p + {lsize} : q], {kind!r}, {name!r})")
+            dec.append("    p = q")
+    enc.append(f"    return b''.join(({', '.join(parts)}{',' if parts else ''}))")
+    dec += [
+        "    if p != n:",
+        f"        raise Malformed('{kind}: ' + str(n - p) + ' trailing bytes')",
+        "    return f",
+    ]
+    exec("\n".join(enc) + "\n\n" + "\n".join(dec), g)  # noqa: S102 -- our own schemas
+    return g["enc"], g["dec"]
+
+
+# kind -> (code, pack(fields) -> body, unpack(datagram, start, end) -> fields)
+_CODECS: dict[str, tuple[int, Callable, Callable]] = {
+    kind: (code, *_compile(kind, schema)) for kind, (code, schema) in _SCHEMAS.items()
+}
+_BY_CODE: dict[int, tuple[str, Callable]] = {c: (k, d) for k, (c, _, d) in _CODECS.items()}
+_HEAD5 = struct.Struct(">QQQQQ")  # the header after magic, version, type
+_MIN_DATAGRAM = HEADER.size + MAC_LEN
+_hmac_digest = hmac.digest
+_compare_digest = hmac.compare_digest
+_new_header = Header._make
+
+
 def load_key(path: str | Path) -> bytes:
     """The cluster key: a file holding >= 32 hex digits (or >= 16 raw bytes)."""
     raw = Path(path).read_bytes().strip()
@@ -279,9 +379,16 @@ class Codec:
         sender: int | None = None,
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.time,
+        fast: bool | None = None,
     ) -> None:
         self._key = key
         self._mac_proto = hmac.new(key, digestmod=hashlib.sha256)
+        if fast is None:
+            fast = os.environ.get("XX_WIRE_CODEC", "") != "legacy"
+        self.fast = fast
+        if not fast:  # the reference codec: same bytes, same refusals, slower
+            self.encode = self._encode_legacy  # type: ignore[method-assign]
+            self._decode = self._decode_legacy  # type: ignore[method-assign]
         self.sender = sender if sender is not None else random.getrandbits(64) or 1
         self._seq = 0
         self.window_ms = int(window_s * 1000)
@@ -291,11 +398,24 @@ class Codec:
         self.dropped: Counter[str] = Counter()
 
     def _mac(self, data: bytes) -> bytes:
+        return _hmac_digest(self._key, data, "sha256")[:MAC_LEN]  # one C call
+
+    def _mac_legacy(self, data: bytes) -> bytes:
         m = self._mac_proto.copy()
         m.update(data)
         return m.digest()[:MAC_LEN]
 
     def encode(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
+        code, pack, _ = _CODECS[msg.kind]
+        self._seq += 1
+        ts = int(self.clock() * 1000)
+        data = HEADER.pack(MAGIC, VERSION, code, self.sender, self._seq, ts, rid, reply_to)
+        data += pack(msg.f)
+        if len(data) + MAC_LEN > MAX_DATAGRAM:
+            raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
+        return data + _hmac_digest(self._key, data, "sha256")[:MAC_LEN]
+
+    def _encode_legacy(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
         code = _SCHEMAS[msg.kind][0]
         self._seq += 1
         ts = int(self.clock() * 1000)
@@ -303,7 +423,7 @@ class Codec:
         data = head + _pack_body(msg.kind, msg.f)
         if len(data) + MAC_LEN > MAX_DATAGRAM:
             raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
-        return data + self._mac(data)
+        return data + self._mac_legacy(data)
 
     def decode(self, data: bytes) -> tuple[Header, Message]:
         """Verify and parse one datagram; raises a WireError (and counts it) if refused."""
@@ -317,6 +437,39 @@ class Codec:
         n = len(data)
         if n > MAX_DATAGRAM:
             raise Oversized(f"{n} bytes")
+        if n < _MIN_DATAGRAM:
+            raise Truncated(f"{n} bytes")
+        if data[:2] != MAGIC:
+            raise BadMagic("not an XX datagram")
+        if data[2] != VERSION:
+            raise BadVersion(f"version {data[2]}")
+        body_end = n - MAC_LEN
+        mac = _hmac_digest(self._key, data[:body_end], "sha256")[:MAC_LEN]
+        if not _compare_digest(mac, data[body_end:]):
+            raise BadMac("authentication failed")
+        ent = _BY_CODE.get(data[3])
+        if ent is None:
+            raise UnknownType(f"type {data[3]}")
+        hdr = _new_header(_HEAD5.unpack_from(data, 4))
+        now = int(self.clock() * 1000)
+        if abs(now - hdr[2]) > self.window_ms:
+            raise Stale(f"timestamp {hdr[2]} outside window at {now}")
+        kind = ent[0]
+        try:
+            f = ent[1](data, HEADER.size, body_end)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            if isinstance(e, WireError):
+                raise
+            raise Malformed(f"{kind}: {e}") from None
+        except RecursionError:
+            raise Malformed(f"{kind}: JSON nested too deep") from None
+        self._check_replay(hdr[0], hdr[1], now)
+        return hdr, Message(kind, f)
+
+    def _decode_legacy(self, data: bytes) -> tuple[Header, Message]:
+        n = len(data)
+        if n > MAX_DATAGRAM:
+            raise Oversized(f"{n} bytes")
         if n < HEADER.size + MAC_LEN:
             raise Truncated(f"{n} bytes")
         if data[:2] != MAGIC:
@@ -324,7 +477,7 @@ class Codec:
         if data[2] != VERSION:
             raise BadVersion(f"version {data[2]}")
         body_end = n - MAC_LEN
-        if not hmac.compare_digest(self._mac(data[:body_end]), data[body_end:]):
+        if not hmac.compare_digest(self._mac_legacy(data[:body_end]), data[body_end:]):
             raise BadMac("authentication failed")
         _, _, code, sender, seq, ts, rid, reply_to = HEADER.unpack_from(data)
         kind = TYPES.get(code)
