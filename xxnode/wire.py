@@ -353,9 +353,51 @@ _CODECS: dict[str, tuple[int, Callable, Callable]] = {
 _BY_CODE: dict[int, tuple[str, Callable]] = {c: (k, d) for k, (c, _, d) in _CODECS.items()}
 _HEAD5 = struct.Struct(">QQQQQ")  # the header after magic, version, type
 _MIN_DATAGRAM = HEADER.size + MAC_LEN
-_hmac_digest = hmac.digest
 _compare_digest = hmac.compare_digest
 _new_header = Header._make
+
+# --- batches ----------------------------------------------------------------------------
+# BATCH (type 24): several messages for one peer in one datagram, under one header and
+# one MAC.  Body: repeated [u8 type][u64 rid][u64 reply_to][u32 length][body].  The outer
+# header's rid and reply_to are 0; each inner message carries its own, and is then
+# handled exactly as if it had come alone (dedupe by (sender, rid), replies by
+# reply_to).  The datagram is parsed whole before anything is handled: a truncated,
+# malformed or nested inner message refuses the whole batch (one count).  Replay
+# defence is the outer seq's.  A peer from before batches drops one as unknown_type.
+BATCH = 24
+BATCH_MAX = 1400  # bytes per batch datagram: one frame on a 1500-byte MTU path
+_INNER = struct.Struct(">BQQI")
+
+
+def _dec_batch(b, p: int, n: int) -> dict:
+    items = []
+    unpack = _INNER.unpack_from
+    while p < n:
+        if p + _INNER.size > n:
+            raise Truncated("batch: inner header")
+        code, rid, reply_to, ln = unpack(b, p)
+        p += _INNER.size
+        q = p + ln
+        if q > n:
+            raise Truncated("batch: inner body")
+        ent = _BY_CODE.get(code)
+        if ent is None or code == BATCH:
+            raise UnknownType(f"batch: inner type {code}")
+        items.append((rid, reply_to, Message(ent[0], ent[1](b, p, q))))
+        p = q
+    if not items:
+        raise Malformed("batch: empty")
+    return {"items": items}
+
+
+def batch_item(msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
+    """One message framed for a batch body (Codec.encode_batch joins them)."""
+    code, pack, _ = _CODECS[msg.kind]
+    body = pack(msg.f)
+    return _INNER.pack(code, rid, reply_to, len(body)) + body
+
+
+_BY_CODE[BATCH] = ("batch", _dec_batch)
 
 
 def load_key(path: str | Path) -> bytes:
@@ -398,7 +440,11 @@ class Codec:
         self.dropped: Counter[str] = Counter()
 
     def _mac(self, data: bytes) -> bytes:
-        return _hmac_digest(self._key, data, "sha256")[:MAC_LEN]  # one C call
+        # the keyed state is computed once: copying it is cheaper here than the one-shot
+        # hmac.digest(), which re-derives the key pads on every call (3.7 vs 4.7 us)
+        m = self._mac_proto.copy()
+        m.update(data)
+        return m.digest()[:MAC_LEN]
 
     def _mac_legacy(self, data: bytes) -> bytes:
         m = self._mac_proto.copy()
@@ -413,7 +459,17 @@ class Codec:
         data += pack(msg.f)
         if len(data) + MAC_LEN > MAX_DATAGRAM:
             raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
-        return data + _hmac_digest(self._key, data, "sha256")[:MAC_LEN]
+        return data + self._mac(data)
+
+    def encode_batch(self, items: list[bytes]) -> bytes:
+        """One BATCH datagram of messages framed by ``batch_item``."""
+        self._seq += 1
+        ts = int(self.clock() * 1000)
+        data = HEADER.pack(MAGIC, VERSION, BATCH, self.sender, self._seq, ts, 0, 0)
+        data += b"".join(items)
+        if len(data) + MAC_LEN > MAX_DATAGRAM:
+            raise ValueError(f"batch: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
+        return data + self._mac(data)
 
     def _encode_legacy(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
         code = _SCHEMAS[msg.kind][0]
@@ -444,8 +500,7 @@ class Codec:
         if data[2] != VERSION:
             raise BadVersion(f"version {data[2]}")
         body_end = n - MAC_LEN
-        mac = _hmac_digest(self._key, data[:body_end], "sha256")[:MAC_LEN]
-        if not _compare_digest(mac, data[body_end:]):
+        if not _compare_digest(self._mac(data[:body_end]), data[body_end:]):
             raise BadMac("authentication failed")
         ent = _BY_CODE.get(data[3])
         if ent is None:
@@ -626,6 +681,7 @@ class Endpoint:
         handler: Callable | None = None,
         drop: float = 0.0,
         seed: int | None = None,
+        batch: bool | None = None,
     ) -> None:
         self.codec = codec
         self.handler = handler
@@ -640,6 +696,12 @@ class Endpoint:
         self._fetches: dict[bytes, tuple[Reassembly, asyncio.Event]] = {}
         self.stats: Counter[str] = Counter()
         self.srtt, self.rttvar = 0.0, 0.0  # smoothed round trip of our requests (s)
+        # natural batching: messages for one peer produced in one pass of the event loop
+        # leave together, as a BATCH, at the end of it (call_soon, never a timer)
+        if batch is None:
+            batch = codec.fast and os.environ.get("XX_WIRE_BATCH", "1") != "0"
+        self.batch = batch
+        self._outq: dict[Addr, list[tuple[Message, int, int]]] = {}
 
     # socket plumbing: a raw non-blocking socket under loop.add_reader.  asyncio's own
     # datagram transport reads one datagram per loop iteration; draining the socket per
@@ -687,7 +749,46 @@ class Endpoint:
 
     def send(self, addr: Addr, msg: Message, reply_to: int = 0) -> None:
         """Fire and forget (heartbeats, replies, fragments)."""
-        self._send(self.codec.encode(msg, 0, reply_to), addr)
+        self._post(addr, msg, 0, reply_to)
+
+    def _post(self, addr: Addr, msg: Message, rid: int, reply_to: int) -> None:
+        """Send ``msg`` now, or with the other messages for ``addr`` of this loop pass."""
+        if not self.batch:
+            self._send(self.codec.encode(msg, rid, reply_to), addr)
+            return
+        q = self._outq.get(addr)
+        if q is None:
+            if not self._outq:
+                asyncio.get_running_loop().call_soon(self._flush)
+            q = self._outq[addr] = []
+        q.append((msg, rid, reply_to))
+
+    def _flush(self) -> None:
+        outq, self._outq = self._outq, {}
+        room = BATCH_MAX - HEADER.size - MAC_LEN
+        for addr, items in outq.items():
+            if len(items) == 1:
+                self._send(self.codec.encode(*items[0]), addr)
+                continue
+            run: list[tuple[Message, int, int]] = []
+            framed: list[bytes] = []
+            size = 0
+            for it in items:
+                b = batch_item(*it)
+                if run and size + len(b) > room:
+                    self._send_run(run, framed, addr)
+                    run, framed, size = [], [], 0
+                run.append(it)
+                framed.append(b)
+                size += len(b)
+            self._send_run(run, framed, addr)
+
+    def _send_run(self, run: list, framed: list[bytes], addr: Addr) -> None:
+        if len(run) == 1:  # alone (or too big to share a datagram): a plain datagram
+            self._send(self.codec.encode(*run[0]), addr)
+        else:
+            self.stats["batches"] += 1
+            self._send(self.codec.encode_batch(framed), addr)
 
     async def request(
         self,
@@ -722,7 +823,7 @@ class Endpoint:
                 return
             if sends:
                 self.stats["retransmits"] += 1
-            self._send(self.codec.encode(msg, rid), addr)
+            self._post(addr, msg, rid, 0)
             sends += 1
             timer[0] = loop.call_later(min(rto, left), fire)
             rto = min(rto * 2, max_rto)
@@ -748,6 +849,15 @@ class Endpoint:
         except WireError:
             return  # counted in codec.dropped
         addr = addr[:2]
+        if msg.kind == "batch":
+            self.stats["batches_in"] += 1
+            sender, seq, ts = hdr[0], hdr[1], hdr[2]
+            for rid, reply_to, m in msg.f["items"]:
+                self._dispatch(Header(sender, seq, ts, rid, reply_to), m, addr)
+            return
+        self._dispatch(hdr, msg, addr)
+
+    def _dispatch(self, hdr: Header, msg: Message, addr: Addr) -> None:
         if hdr.reply_to:
             fut = self._pending.get(hdr.reply_to)
             if fut is not None and not fut.done():
@@ -764,7 +874,7 @@ class Endpoint:
             if cached is not None:
                 self.stats["dup_requests"] += 1
                 if cached[1] is not None:  # same answer, new datagram (else: a replay)
-                    self._send(self.codec.encode(cached[1], 0, hdr.rid), addr)
+                    self._post(addr, cached[1], 0, hdr.rid)
                 return
             self._expire_replies()
             self._replies[key] = (time.monotonic(), None)  # in progress
@@ -797,7 +907,7 @@ class Endpoint:
         if out is None:
             out = Message("ack")
         self._replies[(hdr.sender, hdr.rid)] = (time.monotonic(), out)
-        self._send(self.codec.encode(out, 0, hdr.rid), addr)
+        self._post(addr, out, 0, hdr.rid)
 
     def _expire_replies(self) -> None:
         cutoff = time.monotonic() - self.reply_ttl
@@ -868,7 +978,12 @@ class Endpoint:
 
 
 async def open_endpoint(
-    bind: Addr, codec: Codec, handler=None, drop: float = 0.0, seed: int | None = None
+    bind: Addr,
+    codec: Codec,
+    handler=None,
+    drop: float = 0.0,
+    seed: int | None = None,
+    batch: bool | None = None,
 ) -> Endpoint:
     import socket
 
@@ -882,7 +997,7 @@ async def open_endpoint(
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF)
     sock.bind(bind)
     sock.setblocking(False)
-    ep = Endpoint(codec, handler, drop, seed)
+    ep = Endpoint(codec, handler, drop, seed, batch)
     ep.attach(sock)
     return ep
 
