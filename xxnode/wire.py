@@ -688,6 +688,63 @@ def fmt_addr(addr: Addr) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
+class _Call:
+    """One outstanding request of an Endpoint: retransmitted by a timer (not a task per
+    request: cheap at 10k requests/s) until answered, timed out or cancelled."""
+
+    __slots__ = ("ep", "addr", "msg", "rid", "cb", "deadline", "rto", "max_rto")
+    __slots__ += ("sends", "t_first", "timer", "finished")
+
+    def __init__(self, ep, addr, msg, rid, cb, timeout, first_rto, max_rto) -> None:
+        self.ep, self.addr, self.msg, self.rid, self.cb = ep, addr, msg, rid, cb
+        self.t_first = asyncio.get_running_loop().time()
+        self.deadline = self.t_first + timeout
+        # TCP-style: never retransmit sooner than the measured round trip allows, or a
+        # busy receiver is buried under copies of what it has not yet read (collapse)
+        self.rto = min(max(first_rto, ep.srtt + 4 * ep.rttvar), max_rto)
+        self.max_rto = max_rto
+        self.sends = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def fire(self) -> None:
+        if self.finished:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.deadline - loop.time()
+        if left <= 0:
+            self._end(None, TimeoutError(f"{self.msg.kind} to {fmt_addr(self.addr)}: no answer"))
+            return
+        if self.sends:
+            self.ep.stats["retransmits"] += 1
+        self.ep._post(self.addr, self.msg, self.rid, 0)
+        self.sends += 1
+        self.timer = loop.call_later(min(self.rto, left), self.fire)
+        self.rto = min(self.rto * 2, self.max_rto)
+
+    def set_result(self, rep: Message) -> None:
+        if self.sends == 1:  # Karn: sample only unambiguous round trips
+            self.ep._rtt_sample(asyncio.get_running_loop().time() - self.t_first)
+        self._end(rep, None)
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._end(None, asyncio.CancelledError())
+
+    def _end(self, rep: Message | None, exc: BaseException | None) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.ep._pending.pop(self.rid, None)
+        try:
+            self.cb(rep, exc)
+        except Exception:  # a caller's bug must not take the endpoint down with it
+            self.ep.stats["handler_errors"] += 1
+
+
 class Endpoint:
     """One UDP socket: requests retransmitted with backoff until answered, incoming
     requests deduped by (sender, rid) with their replies cached, payloads served and
@@ -710,7 +767,7 @@ class Endpoint:
         self.handler = handler
         self.sock = None
         self._rid = random.getrandbits(40)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, _Call] = {}
         self._replies: OrderedDict[tuple[int, int], tuple[float, Message | None]] = OrderedDict()
         self.reply_ttl = 2 * WINDOW_S
         self.drop = drop
@@ -755,9 +812,8 @@ class Endpoint:
             except RuntimeError:
                 pass  # no loop running any more
             self.sock.close()
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.cancel()
+        for c in list(self._pending.values()):
+            c.cancel()
 
     def _send(self, data: bytes, addr: Addr) -> None:
         if self.drop and self._drop_rng.random() < self.drop:
@@ -823,44 +879,41 @@ class Endpoint:
     ) -> Message:
         """Send until a reply arrives (rto doubling up to max_rto); TimeoutError after
         ``timeout`` seconds.  The reply is the answering Message."""
-        self._rid += 1
-        rid = self._rid
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._pending[rid] = fut
-        deadline = loop.time() + timeout
-        # TCP-style: never retransmit sooner than the measured round trip allows, or a
-        # busy receiver is buried under copies of what it has not yet read (collapse)
-        rto = min(max(first_rto, self.srtt + 4 * self.rttvar), max_rto)
-        t_first = loop.time()
-        sends = 0
-        timer: list[asyncio.TimerHandle | None] = [None]
+        fut = asyncio.get_running_loop().create_future()
 
-        def fire() -> None:  # a timer, not a task per request: cheap at 10k requests/s
-            nonlocal rto, sends
+        def done(rep: Message | None, exc: BaseException | None) -> None:
             if fut.done():
                 return
-            left = deadline - loop.time()
-            if left <= 0:
-                fut.set_exception(TimeoutError(f"{msg.kind} to {fmt_addr(addr)}: no answer"))
-                return
-            if sends:
-                self.stats["retransmits"] += 1
-            self._post(addr, msg, rid, 0)
-            sends += 1
-            timer[0] = loop.call_later(min(rto, left), fire)
-            rto = min(rto * 2, max_rto)
+            if exc is None:
+                fut.set_result(rep)
+            elif isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
 
-        fire()
+        call = self.call(addr, msg, done, timeout, first_rto, max_rto)
         try:
-            rep = await fut
-            if sends == 1:  # Karn: sample only unambiguous round trips
-                self._rtt_sample(loop.time() - t_first)
-            return rep
+            return await fut
         finally:
-            if timer[0] is not None:
-                timer[0].cancel()
-            self._pending.pop(rid, None)
+            call.cancel()  # no-op once answered; stops the timer if we were cancelled
+
+    def call(
+        self,
+        addr: Addr,
+        msg: Message,
+        done: Callable[[Message | None, BaseException | None], None],
+        timeout: float = 5.0,
+        first_rto: float = 0.2,
+        max_rto: float = 1.0,
+    ) -> _Call:
+        """``request`` without a task: ``done(reply, None)`` when the reply arrives, or
+        ``done(None, TimeoutError)`` after ``timeout``, or ``done(None, CancelledError)``
+        if the call is cancelled or the endpoint closed -- exactly one of them."""
+        self._rid += 1
+        c = _Call(self, addr, msg, self._rid, done, timeout, first_rto, max_rto)
+        self._pending[c.rid] = c
+        c.fire()
+        return c
 
     def _rtt_sample(self, r: float) -> None:
         self.rttvar += 0.25 * (abs(self.srtt - r) - self.rttvar)

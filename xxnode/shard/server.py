@@ -277,7 +277,9 @@ class Shard(wire.Service):
                 self._inflight += 1
                 if target is not None:
                     self.idle.note_placed(target)
-                self._spawn(self._place(job, target))
+                    self._send_place(job, self.nodes[target])  # no task: a callback
+                else:
+                    self._spawn(self._place(job))
 
     def _idle_target(self, now: float) -> str | None:
         t = self.idle.choose()
@@ -319,36 +321,54 @@ class Shard(wire.Service):
             return None
         return probe.least_loaded(list(loads), loads.__getitem__)
 
-    async def _place(self, job: Job, target: str | None) -> None:
+    async def _place(self, job: Job) -> None:
+        """Placement by probing (the idle list was empty): k nodes probed, least loaded."""
         try:
-            if target is None:
-                target = await self._probe()
-            n = self.nodes.get(target) if target is not None else None
-            if n is None:  # no probed node answered: pause probing rather than spin
-                self._probe_quiet_until = self.clock() + self.p.refuse_backoff
-                asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
-                self._requeue(job, None)
-                return
-            job.attempts += 1
-            msg = Message(
-                "place",
-                {
-                    "job": job.id,
-                    "cls": job.cls,
-                    "arbiter": job.arbiter,
-                    "spec": job.spec,
-                    "size": job.size,
-                    "digest": job.digest,
-                    "inline": job.inline,
-                },
-            )
-            try:
-                rep = await self.ep.request(n.addr, msg, timeout=self.p.place_timeout)
-            except TimeoutError:
+            target = await self._probe()
+        except BaseException:
+            self._inflight -= 1
+            raise
+        n = self.nodes.get(target) if target is not None else None
+        if n is None:  # no probed node answered: pause probing rather than spin
+            self._probe_quiet_until = self.clock() + self.p.refuse_backoff
+            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
+            self._requeue(job, None)
+            self._inflight -= 1
+            self._wake.set()
+            return
+        self._send_place(job, n)
+
+    def _send_place(self, job: Job, n: Node) -> None:
+        """PLACE, retransmitted until the node answers; ``_placed`` takes the outcome."""
+        job.attempts += 1
+        msg = Message(
+            "place",
+            {
+                "job": job.id,
+                "cls": job.cls,
+                "arbiter": job.arbiter,
+                "spec": job.spec,
+                "size": job.size,
+                "digest": job.digest,
+                "inline": job.inline,
+            },
+        )
+        self.ep.call(
+            n.addr,
+            msg,
+            lambda rep, exc: self._placed(job, n, rep, exc),
+            timeout=self.p.place_timeout,
+        )
+
+    def _placed(self, job: Job, n: Node, rep: Message | None, exc: BaseException | None) -> None:
+        try:
+            if isinstance(exc, TimeoutError):
                 self.counts["place_timeouts"] += 1
                 self.idle.remove(n.id)
                 self._requeue(job, n)
                 return
+            if exc is not None:
+                return  # cancelled: the shard is closing
             if self.jobs.get(job.id) is not job:
                 return  # finished meanwhile (a DONE overtook the ACCEPT)
             if rep.kind == "accept":
