@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import select
@@ -292,6 +293,18 @@ class MemoryManager:
             time.monotonic(), mi.get("MemTotal", 0), mi.get("MemAvailable", 0), some, full, jobs
         )
 
+    def _fast_sample(self) -> Sample | None:
+        """On a PSI wake-up, act before re-reading every job: the last sample (at most one
+        tick old) still says who the low-class jobs are; only MemAvailable is read fresh.
+        The next step, after the first chunk, reads everything again."""
+        last = self.last
+        if last is None or time.monotonic() - last.at > 2 * self.cfg.tick_s:
+            return None
+        mi = meminfo.meminfo()
+        return dataclasses.replace(
+            last, at=time.monotonic(), available=mi.get("MemAvailable", last.available)
+        )
+
     # -- deciding ----------------------------------------------------------------------
     def need(self, s: Sample, psi_woke: bool) -> int:
         """Bytes to push out now: restore target_free when under it and either PSI saw
@@ -315,6 +328,7 @@ class MemoryManager:
         # pgsteal counts pages the kernel took from this cgroup; memory.current would also
         # move with the job's own faults and with zswap's compressed pool.
         before = leaf.memory_stat().get("pgsteal", 0)
+        t_write = time.monotonic()  # the reclaim starts here
         try:
             leaf.write("memory.reclaim", str(nbytes))
         except CgroupError as e:
@@ -325,7 +339,7 @@ class MemoryManager:
         ev = ReclaimEvent(
             time.time(), job.job_id, job.cls, nbytes, max(after - before, 0) * PAGE,
             (time.monotonic() - t0) * 1000,
-            (t0 - woke_at) * 1000 if woke_at is not None else None, cause,
+            (t_write - woke_at) * 1000 if woke_at is not None else None, cause,
         )  # fmt: skip
         self.events.append(ev)
         self.stats.reclaims += 1
@@ -375,7 +389,9 @@ class MemoryManager:
     def step(self, psi_woke: bool, woke_at: float | None) -> bool:
         """One wake-up: read, decide, act on at most one chunk. Blocking (reclaim waits for
         the kernel). Returns True if it reclaimed, so the caller re-runs it at once."""
-        s = self.sample()
+        s = self._fast_sample() if woke_at is not None else None
+        if s is None:
+            s = self.sample()
         self.last = s
         if not self.managed:
             return False
