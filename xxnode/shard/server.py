@@ -105,7 +105,7 @@ class Shard(wire.Service):
             0,
         )
         self.ep: wire.Endpoint | None = None
-        self._wake = asyncio.Event()
+        self._kicked = False  # a placement pass is scheduled
         self._inflight = 0
         self._probe_quiet_until = 0.0
         self.place_latency: list[float] = []  # seconds, submit ack -> node accepted
@@ -114,7 +114,6 @@ class Shard(wire.Service):
     # lifecycle -------------------------------------------------------------------------
     async def start(self, bind: Addr, codec: wire.Codec, drop: float = 0.0, seed=None) -> Addr:
         self.ep = await wire.open_endpoint(bind, codec, self.handle, drop, seed)
-        self._spawn(self._placer())
         self._spawn(self._monitor())
         return self.ep.addr
 
@@ -159,7 +158,7 @@ class Shard(wire.Service):
         self.jobs[m.job] = job
         self.mq.push(m.job, m.cls, now)
         self.counts["submitted"] += 1
-        self._wake.set()
+        self._kick()
 
     def _on_accept(self, m, addr):  # late ACCEPT for a timed-out PLACE: ignore
         return None
@@ -168,7 +167,7 @@ class Shard(wire.Service):
         n = self._node(m.node, addr)
         n.free, n.total, n.jobs = m.free, m.total, m.jobs
         if self.mq and not self.idle:
-            self._wake.set()
+            self._kick()
         return None
 
     def _node(self, node_id: str, addr: Addr) -> Node:
@@ -183,7 +182,7 @@ class Shard(wire.Service):
         n = self._node(m.node, addr)
         n.free, n.total, n.jobs = m.free, m.total, m.jobs
         self.idle.upsert(m.node, m.free, m.jobs)
-        self._wake.set()
+        self._kick()
         return Message("len_reply", {"length": len(self.idle)})
 
     _on_idle_update = _on_idle_join
@@ -258,28 +257,39 @@ class Shard(wire.Service):
         return Message("status_reply", {"data": data})
 
     # placement -------------------------------------------------------------------------
-    async def _placer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            now = self.clock()
-            while self.mq and self._inflight < MAX_INFLIGHT:
-                target = self._idle_target(now)
-                if target is None and (
-                    now < self._probe_quiet_until or not self._probe_candidates(now)
-                ):
-                    break  # nowhere to go yet: a hello, join, done or timer wakes us
-                jid, _cls = self.mq.pop_next(now)
-                job = self.jobs.get(jid)
-                if job is None or job.state != "queued":
-                    continue  # finished (or queued twice) meanwhile: a stale entry
-                job.state = "placing"
-                self._inflight += 1
-                if target is not None:
-                    self.idle.note_placed(target)
-                    self._send_place(job, self.nodes[target])  # no task: a callback
-                else:
-                    self._spawn(self._place(job))
+    def _kick(self) -> None:
+        """Run a placement pass soon: once per event-loop pass, however many events
+        (submits, answers, timers) asked for one.  A callback, not a task woken by an
+        Event: PLACEs it sends leave in the same flush as the acks of that pass."""
+        if not self._kicked:
+            try:
+                asyncio.get_running_loop().call_soon(self._place_pass)
+            except RuntimeError:
+                return  # no loop: the shard is being closed
+            self._kicked = True
+
+    def _place_pass(self) -> None:
+        self._kicked = False
+        if self.ep is None or self.ep.sock is None or self.ep.sock.fileno() < 0:
+            return  # closed
+        now = self.clock()
+        while self.mq and self._inflight < MAX_INFLIGHT:
+            target = self._idle_target(now)
+            if target is None and (
+                now < self._probe_quiet_until or not self._probe_candidates(now)
+            ):
+                break  # nowhere to go yet: a hello, join, done or timer wakes us
+            jid, _cls = self.mq.pop_next(now)
+            job = self.jobs.get(jid)
+            if job is None or job.state != "queued":
+                continue  # finished (or queued twice) meanwhile: a stale entry
+            job.state = "placing"
+            self._inflight += 1
+            if target is not None:
+                self.idle.note_placed(target)
+                self._send_place(job, self.nodes[target])  # no task: a callback
+            else:
+                self._spawn(self._place(job))
 
     def _idle_target(self, now: float) -> str | None:
         t = self.idle.choose()
@@ -331,10 +341,10 @@ class Shard(wire.Service):
         n = self.nodes.get(target) if target is not None else None
         if n is None:  # no probed node answered: pause probing rather than spin
             self._probe_quiet_until = self.clock() + self.p.refuse_backoff
-            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
+            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._kick)
             self._requeue(job, None)
             self._inflight -= 1
-            self._wake.set()
+            self._kick()
             return
         self._send_place(job, n)
 
@@ -384,7 +394,7 @@ class Shard(wire.Service):
                 self._requeue(job, n)
         finally:
             self._inflight -= 1
-            self._wake.set()
+            self._kick()
 
     def _requeue(self, job: Job, refusing: Node | None) -> None:
         """Back into its class queue with its original enqueue time."""
@@ -393,7 +403,7 @@ class Shard(wire.Service):
         now = self.clock()
         if refusing is not None:
             refusing.skip_until = now + self.p.refuse_backoff
-            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._wake.set)
+            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._kick)
         job.state, job.node = "queued", None
         self.mq.push(job.id, job.cls, job.t_enq)
         self.counts["requeued"] += 1
@@ -416,7 +426,7 @@ class Shard(wire.Service):
             self.finished.popitem(last=False)
         if status != wire.DENIED:
             self.counts["done"] += 1
-        self._wake.set()
+        self._kick()
 
     # failure detection -----------------------------------------------------------------
     async def _monitor(self) -> None:
@@ -444,7 +454,7 @@ class Shard(wire.Service):
             else:
                 self.grants.pop(jid, None)
                 self._requeue(job, None)
-        self._wake.set()
+        self._kick()
 
     async def _tell_arbiter(self, job: Job, node: str) -> None:
         try:
