@@ -393,3 +393,51 @@ def test_batching_endpoints_exactly_once_over_lossy_loopback():
             cli.close()
 
     asyncio.run(main())
+
+
+def test_endpoint_drops_broken_batch_whole_and_dedupes_inside_one():
+    """Against a live endpoint: a batch whose last message is cut short is refused whole
+    (its intact first message is not handled either) and counted; a batch carrying the
+    same request twice is handled once and answered twice."""
+    import socket
+
+    async def main():
+        handled = []
+
+        def handler(hdr, msg, addr):
+            handled.append((hdr.rid, msg.job))
+            return Message("accept", {"job": msg.job})
+
+        codec = Codec(KEY)
+        ep = await wire.open_endpoint(("127.0.0.1", 0), codec, handler, batch=True)
+        tx = Codec(KEY)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        try:
+            a, b = os.urandom(16), os.urandom(16)
+            ok = wire.batch_item(Message("accept", {"job": a}), 11)
+            cut = wire.batch_item(Message("accept", {"job": b}), 12)[:-1]
+            head = (int(tx.clock() * 1000), 0, 0)
+            s.sendto(_remac(tx, head, ok + cut), ep.addr)
+            s.sendto(tx.encode_batch([ok, ok]), ep.addr)  # same rid twice
+            await asyncio.sleep(0.2)  # the endpoint runs on this loop: let it answer
+            s.setblocking(False)
+            rx, replies = Codec(KEY), []
+            while True:
+                try:
+                    data = s.recv(65536)
+                except BlockingIOError:
+                    break
+                hdr, got = rx.decode(data)
+                items = got.items if got.kind == "batch" else [(0, hdr.reply_to, got)]
+                replies += [(reply_to, m.job) for _, reply_to, m in items]
+            return handled, replies, dict(codec.dropped), dict(ep.stats)
+        finally:
+            s.close()
+            ep.close()
+
+    handled, replies, dropped, stats = asyncio.run(main())
+    assert sum(dropped.values()) == 1 and dropped.get("truncated") == 1
+    assert len(handled) == 1 and handled[0][0] == 11  # only the second batch, once
+    assert stats["dup_requests"] == 1
+    assert [r for r in replies if r[0] == 11] == [(11, handled[0][1])] * 2
