@@ -44,6 +44,10 @@ class IdleList:
         e = self._e.get(machine)
         return None if e is None else (e[0], e[1])
 
+    def machines(self) -> list[Hashable]:
+        """The listed machines, in listing order (for inspection and sweeps)."""
+        return list(self._e)
+
     def __len__(self) -> int:
         return len(self._e)
 

@@ -223,7 +223,8 @@ class Shard(wire.Service):
             data = {
                 "idle": [
                     {"node": nid, "free": e[0], "jobs": e[1]}
-                    for nid in list(self.nodes) + [x for x in self.idle._e if x not in self.nodes]
+                    for nid in list(self.nodes)
+                    + [x for x in self.idle.machines() if x not in self.nodes]
                     if (e := self.idle.entry(nid)) is not None
                 ]
             }
@@ -299,7 +300,7 @@ class Shard(wire.Service):
         if n is None or n.skip_until > now:
             # rare: a refusing or unknown node heads the list; pick the best usable one
             best = None
-            for nid in list(self.idle._e):
+            for nid in self.idle.machines():
                 nn = self.nodes.get(nid)
                 if nn is None or nn.skip_until > now:
                     continue
