@@ -173,8 +173,9 @@ class MemoryManager:
         self._frozen: set[str] = set()
         self._last_pressure = float("-inf")
         self._wake: asyncio.Event | None = None
-        self._psi_at: float | None = None
-        self._busy = False
+        self._psi_at: float | None = None  # first PSI event since the last step, for reaction
+        self._psi_pending = False  # a PSI event came since the last step began
+        self._reclaiming = False  # a memory.reclaim write is under way (worker thread)
         self._stop = threading.Event()
         self.trigger_error: str | None = None
         self.trigger_note = "armed"
@@ -329,12 +330,15 @@ class MemoryManager:
         # move with the job's own faults and with zswap's compressed pool.
         before = leaf.memory_stat().get("pgsteal", 0)
         t_write = time.monotonic()  # the reclaim starts here
+        self._reclaiming = True
         try:
             leaf.write("memory.reclaim", str(nbytes))
         except CgroupError as e:
             if e.errno != errno.EAGAIN:  # EAGAIN: the kernel found less than asked
                 log.warning("reclaim %s: %s", job.job_id, e)
                 return
+        finally:
+            self._reclaiming = False
         after = leaf.memory_stat().get("pgsteal", 0)
         ev = ReclaimEvent(
             time.time(), job.job_id, job.cls, nbytes, max(after - before, 0) * PAGE,
@@ -453,9 +457,10 @@ class MemoryManager:
     def _on_psi(self, at: float, where: str = "root") -> None:
         self.stats.psi_events += 1
         self.stats.psi_events_by[where] = self.stats.psi_events_by.get(where, 0) + 1
-        # Reaction time is measured from events that find us idle; one that arrives while
-        # a reclaim runs is already being acted on.
-        if self._psi_at is None and not self._busy:
+        # Every event makes the next step a PSI wake-up. Reaction time is measured only from
+        # events that do not find a reclaim already under way: those are being acted on.
+        self._psi_pending = True
+        if self._psi_at is None and not self._reclaiming:
             self._psi_at = at
         if self._wake:
             self._wake.set()
@@ -468,20 +473,16 @@ class MemoryManager:
             watcher = threading.Thread(target=self._watch_psi, args=(loop,), daemon=True)
             watcher.start()
         try:
+            more = False  # still short after a chunk: carry on as if PSI had woken us again
             while True:
-                if not self._busy:
+                if not more:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.cfg.tick_s)
                 self._wake.clear()
                 woke_at, self._psi_at = self._psi_at, None
-                psi_woke = self._busy or woke_at is not None
-                self._busy = True
-                try:
-                    # Still short after a chunk: carry on as if PSI had woken us again.
-                    self._busy = await asyncio.to_thread(self.step, psi_woke, woke_at)
-                except BaseException:
-                    self._busy = False
-                    raise
+                psi_woke = more or self._psi_pending
+                self._psi_pending = False
+                more = await asyncio.to_thread(self.step, psi_woke, woke_at)
         finally:
             self._stop.set()
             if watcher:
