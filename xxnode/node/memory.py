@@ -323,7 +323,8 @@ class MemoryManager:
         return [(by_id[jid], n) for jid, n in choose_victims(mem, need, self.top_rank)]
 
     # -- acting ------------------------------------------------------------------------
-    def reclaim(self, job: JobSample, nbytes: int, cause: str, woke_at: float | None) -> None:
+    def reclaim(self, job: JobSample, nbytes: int, cause: str, woke_at: float | None) -> int:
+        """Push up to `nbytes` of one job out; returns what the kernel took."""
         leaf = self.root.child(job.cls).child(job.job_id)
         t0 = time.monotonic()
         # pgsteal counts pages the kernel took from this cgroup; memory.current would also
@@ -336,7 +337,7 @@ class MemoryManager:
         except CgroupError as e:
             if e.errno != errno.EAGAIN:  # EAGAIN: the kernel found less than asked
                 log.warning("reclaim %s: %s", job.job_id, e)
-                return
+                return 0
         finally:
             self._reclaiming = False
         after = leaf.memory_stat().get("pgsteal", 0)
@@ -360,6 +361,7 @@ class MemoryManager:
             with contextlib.suppress(CgroupError):
                 leaf.freeze(True)
                 self._frozen.add(job.job_id)
+        return ev.reclaimed
 
     def thaw(self) -> None:
         for jid in list(self._frozen):
@@ -407,9 +409,11 @@ class MemoryManager:
                 self.stats.shortfall_events += 1
                 return False
             cause = "psi" if psi_woke else "low-watermark"
-            for job, n in chosen:
-                self.reclaim(job, n, cause, woke_at)
-            return True
+            asked = sum(n for _, n in chosen)
+            got = sum(self.reclaim(job, n, cause, woke_at) for job, n in chosen)
+            # Carry on at once only while chunks pay: when the victims have nothing left to
+            # give, tight retries would only burn CPU; the next PSI event or tick decides.
+            return got * 4 >= asked
         if s.at - self._last_pressure >= self.cfg.quiet_s:
             if self.cfg.prefetch:
                 self.prefetch(s)  # before thawing: bring pages back before the job wants them
