@@ -25,7 +25,6 @@ import hashlib
 import heapq
 import os
 import random
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -410,12 +409,7 @@ async def _serve(args) -> None:
     drop, seed = wire.drop_from_env()
     addr = await d.start(wire.parse_addr(args.listen), wire.Codec(key), drop, seed)
     print(f"xxdispatch: {args.node_id} listening on {wire.fmt_addr(addr)}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    d.close()
+    await d.serve_until_signal()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1105,3 +1105,14 @@ class Service:
             t.cancel()
         if self.ep is not None:
             self.ep.close()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGINT or SIGTERM, then close: the standalone daemons' main loop."""
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import tomllib
 
@@ -75,12 +74,7 @@ async def serve(bind: wire.Addr, key: bytes, classes: ClassTable, p: ShardParams
     shard = Shard(classes, p)
     addr = await shard.start(bind, wire.Codec(key), drop, seed)
     print(f"xxshard: listening on {wire.fmt_addr(addr)}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    shard.close()
+    await shard.serve_until_signal()
 
 
 def main(argv: list[str] | None = None) -> int:
