@@ -1,9 +1,8 @@
 """Shards and dispatchers as real processes on loopback, driven by the cluster client.
 
-Each dispatcher runs the synthetic executor with ``--record``: it appends every job id it
-*executes* to its own file, so "ran exactly once" is counted across processes, not
-taken from anyone's word.  Loss is injected with XX_WIRE_DROP (a seeded drop filter on
-every outgoing datagram of every party).
+The processes and the checks are ``tests/cluster_procs.py`` (shared with the network lab:
+``tests/host/test_cluster_netns.py``, ``tests/vm/test_cluster_net.py``).  Loss is injected
+here with XX_WIRE_DROP (a seeded drop filter on every outgoing datagram of every party).
 """
 
 from __future__ import annotations
@@ -14,98 +13,20 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
+from tests.cluster_procs import (
+    CLASSES,
+    Cluster,
+    assert_exactly_once,
+    submit_all,
+    wait_registered,
+    wait_shards_done,
+)
 from xxnode import wire
 from xxnode.cluster_client import ClusterClient
 from xxnode.wire import Message
-
-CLASSES = ("high", "medium", "low")
-
-
-class Cluster:
-    def __init__(self, tmp_path, n_shards: int, n_nodes: int, drop: float = 0.0):
-        self.tmp = tmp_path
-        self.key_file = tmp_path / "cluster.key"
-        self.key_file.write_text(os.urandom(32).hex())
-        self.key = wire.load_key(self.key_file)
-        self.procs: list[subprocess.Popen] = []
-        self.drop = drop
-        self.shards = [self._start_shard(i) for i in range(n_shards)]
-        self.shard_addrs = [a for _, a in self.shards]
-        self.nodes = [self._start_node(i) for i in range(n_nodes)]
-
-    def _env(self, seed: int) -> dict:
-        env = dict(os.environ)
-        if self.drop:
-            env["XX_WIRE_DROP"] = f"{self.drop}:{seed}"
-        return env
-
-    def _spawn(self, argv: list[str], seed: int) -> tuple[subprocess.Popen, wire.Addr]:
-        p = subprocess.Popen(
-            [sys.executable, *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self._env(seed),
-        )
-        self.procs.append(p)
-        line = p.stdout.readline()
-        assert "listening on" in line, p.stderr.read()
-        return p, wire.parse_addr(line.split()[-1])
-
-    def _start_shard(self, i: int):
-        return self._spawn(
-            [
-                "-m",
-                "xxnode.shard.main",
-                "--listen",
-                "127.0.0.1:0",
-                "--key-file",
-                str(self.key_file),
-            ],
-            100 + i,
-        )
-
-    def _start_node(self, i: int):
-        rec = self.tmp / f"node{i}.ran"
-        p, addr = self._spawn(
-            [
-                "-m",
-                "xxnode.dispatch",
-                "--shards",
-                ",".join(wire.fmt_addr(a) for a in self.shard_addrs),
-                "--key-file",
-                str(self.key_file),
-                "--node-id",
-                f"node{i}",
-                "--record",
-                str(rec),
-                "--heartbeat",
-                "0.2",
-            ],
-            200 + i,
-        )
-        return p, addr, rec
-
-    def executions(self) -> collections.Counter:
-        c: collections.Counter = collections.Counter()
-        for _, _, rec in self.nodes:
-            if rec.exists():
-                c.update(rec.read_text().split())
-        return c
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stdout.close()
-            p.stderr.close()
 
 
 @pytest.fixture
@@ -122,72 +43,18 @@ def cluster_factory(tmp_path):
         c.stop()
 
 
-async def _wait_registered(client: ClusterClient, n_nodes: int, timeout: float = 10.0):
-    """Until every shard hears every node (the dispatchers' HELLO) -- an event, polled."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = await client.status("nodes")
-        if all(len(r.get("nodes", [])) == n_nodes for r in rows):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"nodes did not register: {rows}")
-
-
-def _jobs(n: int, rng: random.Random):
-    """Mixed load: low-class 'hogs' (longer), short high/medium requests."""
-    for i in range(n):
-        cls = rng.choice(CLASSES)
-        yield i, cls, {"sleep": 0.02 if cls == "low" else 0.0}
-
-
-def _assert_exactly_once(cluster: Cluster, results: dict[bytes, dict], ids: list[bytes]):
-    ran = cluster.executions()
-    assert len(results) == len(ids)
-    twice = [j for j, n in ran.items() if n > 1]
-    assert twice == [], f"{len(twice)} jobs ran more than once"
-    for jid in ids:
-        r = results[jid]
-        if r["status"] == wire.NODE_LOST:
-            continue  # declared policy: a started job on a dead node is reported, not retried
-        assert r["status"] == 0, r
-        assert ran[jid.hex()] == 1, f"job {jid.hex()} reported done but ran {ran[jid.hex()]}x"
-
-
-async def _submit_all(client, n, seed=1, window=100):
-    """Submit n jobs with at most ``window`` outstanding; returns ids and results."""
-    rng = random.Random(seed)
-    ids: list[bytes] = []
-    results: dict[bytes, dict] = {}
-    sem = asyncio.Semaphore(window)
-
-    async def one(cls, spec):
-        async with sem:
-            jid = await client.submit(cls, spec)
-            ids.append(jid)
-            results[jid] = await client.result(jid, timeout=60)
-
-    await asyncio.gather(*(one(cls, spec) for _, cls, spec in _jobs(n, rng)))
-    return ids, results
-
-
 def test_1000_mixed_jobs_each_run_exactly_once(cluster_factory):
     cl = cluster_factory(n_shards=3, n_nodes=4)
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
-            await _wait_registered(c, 4)
-            ids, results = await _submit_all(c, 1000)
-            # the node tells the shard and the client concurrently: wait for the shards
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                rows = await c.status("shard")
-                if sum(r["counts"]["done"] for r in rows) >= 1000:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_registered(c, 4)
+            ids, results = await submit_all(c, 1000)
+            rows = await wait_shards_done(c, 1000)
             return ids, results, rows
 
     ids, results, rows = asyncio.run(go())
-    _assert_exactly_once(cl, results, ids)
+    assert_exactly_once(cl, results, ids)
     assert sum(r["counts"]["done"] for r in rows) == 1000
     assert all(r["counts"]["submitted"] > 0 for r in rows)  # every shard took work
     assert len(cl.executions()) == 1000
@@ -199,8 +66,8 @@ def test_kill_9_a_shard_mid_run(cluster_factory):
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
-            await _wait_registered(c, 3)
-            task = asyncio.ensure_future(_submit_all(c, 400, seed=2, window=100))
+            await wait_registered(c, 3)
+            task = asyncio.ensure_future(submit_all(c, 400, seed=2, window=100))
             while sum(1 for p in c.pending.values() if p.result) < 10 and not task.done():
                 await asyncio.sleep(0.01)  # results land in client state: polled
             assert not task.done()
@@ -211,7 +78,7 @@ def test_kill_9_a_shard_mid_run(cluster_factory):
 
     ids, results, rows, failovers = asyncio.run(go())
     assert victim.wait() == -signal.SIGKILL
-    _assert_exactly_once(cl, results, ids)
+    assert_exactly_once(cl, results, ids)
     assert failovers > 0
     assert "error" in rows[0] and "error" not in rows[1]
     assert all(r["status"] == 0 for r in results.values())  # no node died: nothing lost
@@ -222,12 +89,12 @@ def test_10_percent_datagram_loss(cluster_factory):
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, drop=0.1, seed=7, spread=True) as c:
-            await _wait_registered(c, 3)
-            ids, results = await _submit_all(c, 400, seed=3)
+            await wait_registered(c, 3)
+            ids, results = await submit_all(c, 400, seed=3)
             return ids, results, c.ep.stats["retransmits"], c.ep.stats["dropped_out"]
 
     ids, results, retransmits, dropped = asyncio.run(go())
-    _assert_exactly_once(cl, results, ids)
+    assert_exactly_once(cl, results, ids)
     assert dropped > 0 and retransmits > 0
     bad = [r for r in results.values() if r["status"] != 0]
     assert bad == []
@@ -241,7 +108,7 @@ def test_kill_9_a_node_mid_run(cluster_factory):
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
-            await _wait_registered(c, 3)
+            await wait_registered(c, 3)
             rng = random.Random(4)
             specs = [(rng.choice(CLASSES), {"sleep": 0.5}) for _ in range(120)]
             submitting = asyncio.gather(*(c.submit(cls, spec) for cls, spec in specs))
@@ -254,7 +121,7 @@ def test_kill_9_a_node_mid_run(cluster_factory):
             return ids, results
 
     ids, results = asyncio.run(go())
-    _assert_exactly_once(cl, results, ids)
+    assert_exactly_once(cl, results, ids)
     lost = [j for j, r in results.items() if r["status"] == wire.NODE_LOST]
     started_on_victim = set(victim_rec.read_text().split())
     assert lost, "the killed node was running jobs"
@@ -282,7 +149,7 @@ def test_bad_datagrams_dropped_counted_state_unchanged(cluster_factory):
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key) as c:
-            await _wait_registered(c, 1)
+            await wait_registered(c, 1)
             await c.run("high", {"sleep": 0.0}, timeout=10)
             before = (await c.status("shard"))[0]
             # a valid datagram, to replay, mutate and re-sign with the wrong key
@@ -343,7 +210,7 @@ def test_6mb_input_reaches_the_node_intact_under_loss(cluster_factory):
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, drop=0.05, seed=9) as c:
-            await _wait_registered(c, 1)
+            await wait_registered(c, 1)
             return await c.run("low", {"sleep": 0}, payload, timeout=120)
 
     res = asyncio.run(go())
@@ -377,7 +244,7 @@ def test_refused_placement_stays_queued_then_runs():
         await d.start(("127.0.0.1", 0), wire.Codec(key))
         try:
             async with ClusterClient([addr], key) as c:
-                await _wait_registered(c, 1)
+                await wait_registered(c, 1)
                 res = await c.run("high", {"sleep": 0}, timeout=20)
             return res, dict(shard.counts), ex.refusals
         finally:
