@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class Loopback:
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(argv, **kw)
 
+    def entered(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
 
 LOOPBACK = Loopback()
 
@@ -56,7 +60,9 @@ class Cluster:
     ``where(role, i)`` says where process ``i`` of ``role`` ("shard" | "node") runs: an
     object with ``ip`` (the address it binds) and ``popen(argv, **kw)`` -- loopback by
     default, a ``tests.netlab.Host`` in the lab. ``drop`` is XX_WIRE_DROP for every
-    process. Processes of one role start together; a cluster that fails to start
+    process. ``shard_port`` (when each shard has an address of its own) fixes the shards'
+    port, so shards and nodes all start at once; otherwise shards get port 0 and the
+    nodes start once the shards said where they listen. A cluster that fails to start
     leaves no process behind."""
 
     def __init__(
@@ -67,6 +73,7 @@ class Cluster:
         drop: float = 0.0,
         where: Callable[[str, int], object] | None = None,
         start_timeout: float = 60.0,
+        shard_port: int = 0,
     ):
         self.tmp = Path(tmp_path)
         self.key_file = self.tmp / "cluster.key"
@@ -77,9 +84,19 @@ class Cluster:
         self.where = where or (lambda role, i: LOOPBACK)
         self.start_timeout = start_timeout
         try:
-            self.shard_procs = self._start_all("shard", n_shards)
-            self.shard_addrs = [s.addr for s in self.shard_procs]
-            self.node_procs = self._start_all("node", n_nodes)
+            if shard_port:  # addresses known up front: every process starts at once
+                self.shard_addrs = [
+                    (self.where("shard", i).ip, shard_port) for i in range(n_shards)
+                ]
+                shards = self._spawn_all("shard", n_shards, shard_port)
+                nodes = self._spawn_all("node", n_nodes)
+                self.shard_procs = self._await_listening(shards)
+                self.node_procs = self._await_listening(nodes)
+                assert [s.addr for s in self.shard_procs] == self.shard_addrs
+            else:  # the nodes need the ports the shards were given
+                self.shard_procs = self._await_listening(self._spawn_all("shard", n_shards))
+                self.shard_addrs = [s.addr for s in self.shard_procs]
+                self.node_procs = self._await_listening(self._spawn_all("node", n_nodes))
         except BaseException:
             self.stop()
             raise
@@ -93,9 +110,9 @@ class Cluster:
             env["XX_WIRE_DROP"] = f"{self.drop}:{seed}"
         return env
 
-    def _argv(self, role: str, i: int, ip: str) -> tuple[list[str], Path | None]:
+    def _argv(self, role: str, i: int, ip: str, port: int) -> tuple[list[str], Path | None]:
         if role == "shard":
-            argv = ["-m", "xxnode.shard.main", "--listen", f"{ip}:0"]
+            argv = ["-m", "xxnode.shard.main", "--listen", f"{ip}:{port}"]
             argv += ["--key-file", str(self.key_file)]
             return argv, None
         rec = self.tmp / f"node{i}.ran"
@@ -105,11 +122,11 @@ class Cluster:
         argv += ["--record", str(rec), "--heartbeat", "0.2"]
         return argv, rec
 
-    def _start_all(self, role: str, n: int) -> list[Proc]:
+    def _spawn_all(self, role: str, n: int, port: int = 0) -> list[tuple]:
         started = []
         for i in range(n):
             host = self.where(role, i)
-            argv, rec = self._argv(role, i, host.ip)
+            argv, rec = self._argv(role, i, host.ip, port)
             p = host.popen(
                 [sys.executable, *argv],
                 stdout=subprocess.PIPE,
@@ -119,6 +136,9 @@ class Cluster:
             )
             self.procs.append(p)
             started.append((p, rec))
+        return started
+
+    def _await_listening(self, started: list[tuple]) -> list[Proc]:
         return [Proc(p, self._listening(p), rec) for p, rec in started]
 
     def _listening(self, p: subprocess.Popen) -> wire.Addr:
@@ -146,6 +166,19 @@ class Cluster:
             p.wait()
             p.stdout.close()
             p.stderr.close()
+
+
+@contextlib.asynccontextmanager
+async def client_at(cluster: Cluster, host=LOOPBACK, **kw) -> AsyncIterator[ClusterClient]:
+    """A ClusterClient for ``cluster`` whose socket lives on ``host`` (in the lab: in that
+    host's namespace, bound to its address -- the nodes CLAIM back to what the shard saw)."""
+    c = ClusterClient(cluster.shard_addrs, cluster.key, **kw)
+    with host.entered():
+        await c.start((host.ip, 0))
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 async def wait_registered(client: ClusterClient, n_nodes: int, timeout: float = 10.0):
@@ -212,3 +245,58 @@ async def wait_shards_done(client: ClusterClient, n: int, timeout: float = 10.0)
         await asyncio.sleep(0.05)
         rows = await client.status("shard")
     return rows
+
+
+async def submit_and_kill_node(
+    client: ClusterClient,
+    cluster: Cluster,
+    n_jobs: int,
+    seed: int,
+    victim: int = 0,
+    started: int = 3,
+    timeout: float = 60.0,
+) -> tuple[list[bytes], dict[bytes, dict]]:
+    """Submit ``n_jobs`` jobs of 0.5 s at once; kill -9 node ``victim`` as soon as it has
+    started ``started`` of them (so some are running); return ids and results."""
+    proc, _, rec = cluster.nodes[victim]
+    rng = random.Random(seed)
+    specs = [(rng.choice(CLASSES), {"sleep": 0.5}) for _ in range(n_jobs)]
+    submitting = asyncio.gather(*(client.submit(cls, spec) for cls, spec in specs))
+    deadline = time.monotonic() + timeout
+    while not (rec.exists() and rec.read_text().count("\n") >= started):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node{victim} started fewer than {started} jobs in {timeout} s")
+        await asyncio.sleep(0.01)  # an executor's file: no event to wait on
+    proc.kill()  # SIGKILL; its jobs sleep 0.5 s: some are running
+    ids = await submitting
+    done = await asyncio.gather(*(client.result(j, timeout) for j in ids))
+    return ids, dict(zip(ids, done, strict=True))
+
+
+def assert_node_loss_accounted(
+    cluster: Cluster, results: dict[bytes, dict], ids: list[bytes], victim: int = 0
+) -> list[bytes]:
+    """After kill -9 of node ``victim``: its started jobs are reported NODE_LOST (declared
+    policy), the others were placed again; none ran twice, every job accounted for.
+    Returns the lost ones."""
+    assert_exactly_once(cluster, results, ids)
+    name = f"node{victim}"
+    lost = [j for j, r in results.items() if r["status"] == wire.NODE_LOST]
+    started_on_victim = set(cluster.nodes[victim][2].read_text().split())
+    assert lost, "the killed node was running jobs"
+    assert all(results[j]["node"] == name for j in lost)
+    others: collections.Counter = collections.Counter()
+    for i, (_, _, rec) in enumerate(cluster.nodes):
+        if i != victim and rec.exists():
+            others.update(rec.read_text().split())
+    # a lost job was granted to the victim (it may have died before recording it) and
+    # ran nowhere else; whatever the victim started is either lost or finished there
+    assert not {j.hex() for j in lost} & set(others)
+    by_hex = {j.hex(): r for j, r in results.items()}
+    assert all(
+        by_hex[h]["status"] == wire.NODE_LOST or by_hex[h]["node"] == name
+        for h in started_on_victim
+    )
+    done = [r for r in results.values() if r["status"] == 0]
+    assert len(done) + len(lost) == len(ids)
+    return lost

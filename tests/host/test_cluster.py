@@ -17,10 +17,11 @@ import socket
 import pytest
 
 from tests.cluster_procs import (
-    CLASSES,
     Cluster,
     assert_exactly_once,
+    assert_node_loss_accounted,
     submit_all,
+    submit_and_kill_node,
     wait_registered,
     wait_shards_done,
 )
@@ -104,41 +105,15 @@ def test_kill_9_a_node_mid_run(cluster_factory):
     """Started jobs of the dead node are reported NODE_LOST (declared policy), the others
     are placed again; none runs twice and every job is accounted for."""
     cl = cluster_factory(n_shards=2, n_nodes=3)
-    victim, _, victim_rec = cl.nodes[0]
 
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
             await wait_registered(c, 3)
-            rng = random.Random(4)
-            specs = [(rng.choice(CLASSES), {"sleep": 0.5}) for _ in range(120)]
-            submitting = asyncio.gather(*(c.submit(cls, spec) for cls, spec in specs))
-            while not (victim_rec.exists() and victim_rec.read_text().count("\n") >= 3):
-                await asyncio.sleep(0.01)  # an executor's file: no event to wait on
-            victim.send_signal(signal.SIGKILL)  # its jobs sleep 0.5 s: some are running
-            ids = await submitting
-            done = await asyncio.gather(*(c.result(j, 60) for j in ids))
-            results = dict(zip(ids, done, strict=True))
-            return ids, results
+            return await submit_and_kill_node(c, cl, 120, seed=4, victim=0)
 
     ids, results = asyncio.run(go())
-    assert_exactly_once(cl, results, ids)
-    lost = [j for j, r in results.items() if r["status"] == wire.NODE_LOST]
-    started_on_victim = set(victim_rec.read_text().split())
-    assert lost, "the killed node was running jobs"
-    assert all(r["node"] == "node0" for j, r in results.items() if j in lost)
-    others = collections.Counter()
-    for _, _, rec in cl.nodes[1:]:
-        others.update(rec.read_text().split() if rec.exists() else [])
-    # a lost job was granted to the victim (it may have died before recording it) and
-    # ran nowhere else; whatever the victim started is either lost or finished there
-    assert not {j.hex() for j in lost} & set(others)
-    by_hex = {j.hex(): r for j, r in results.items()}
-    assert all(
-        by_hex[h]["status"] == wire.NODE_LOST or by_hex[h]["node"] == "node0"
-        for h in started_on_victim
-    )
-    done_elsewhere = [r for r in results.values() if r["status"] == 0]
-    assert len(done_elsewhere) + len(lost) == len(ids)
+    assert cl.nodes[0][0].wait() == -signal.SIGKILL
+    assert_node_loss_accounted(cl, results, ids, victim=0)
 
 
 def test_bad_datagrams_dropped_counted_state_unchanged(cluster_factory):
