@@ -83,27 +83,28 @@ class ClusterClient:
         await self.close()
 
     # arbitration and results -------------------------------------------------------------
-    def _handle(self, hdr, msg: Message, addr: Addr):
-        p = self.pending.get(msg.job) if "job" in msg.f else None
-        if msg.kind == "claim":
+    def _handle(self, msg: Message, addr: Addr):
+        kind = type(msg)
+        p = self.pending.get(msg.job) if kind in (wire.Claim, wire.Done, wire.NodeLost) else None
+        if kind is wire.Claim:
             if p is None or p.result is not None:
-                return Message("grant", {"job": msg.job, "ok": 0})
+                return wire.Grant(msg.job, False)
             if p.granted is None:
                 p.granted = msg.node
             ok = p.granted == msg.node
             self.grants_denied += not ok
-            return Message("grant", {"job": msg.job, "ok": int(ok)})
-        if msg.kind == "done":
+            return wire.Grant(msg.job, ok)
+        if kind is wire.Done:
             if p is not None and p.result is None and msg.status != wire.DENIED:
                 p.result = {"status": msg.status, "node": msg.node, **msg.result}
                 p.done.set()
             return None
-        if msg.kind == "node_lost":
+        if kind is wire.NodeLost:
             if p is not None and p.result is None and p.granted == msg.node:
                 p.result = {"status": wire.NODE_LOST, "node": msg.node, "error": "node lost"}
                 p.done.set()
             return None
-        return Message("error", {"reason": f"client does not take {msg.kind}"})
+        return wire.Error(f"client does not take {msg.kind}")
 
     # submission --------------------------------------------------------------------------
     async def submit(
@@ -140,18 +141,11 @@ class ClusterClient:
         inline = p.payload if len(p.payload) <= wire.INLINE_MAX else b""
         if not inline and p.payload:
             self.ep.payloads[dig] = p.payload  # the shard pulls it
-        msg = Message(
-            "submit",
-            {
-                "job": p.job,
-                "cls": p.cls,
-                "arbiter": "@" if wait else "",
-                "spec": p.spec,
-                "size": len(p.payload),
-                "digest": dig,
-                "inline": inline,
-            },
-        )
+        msg = wire.Submit(p.job, p.cls, "@" if wait else "", p.spec, len(p.payload), dig, inline)
+        try:
+            wire.check(msg)
+        except ValueError as e:
+            raise SubmitError(f"bad job: {e}") from None
         big = timeout + len(p.payload) / 1e6  # a 6 MB input needs its transfer time
         last = None
         try:
@@ -165,8 +159,8 @@ class ClusterClient:
                 except TimeoutError as e:
                     last = e
                     continue
-                if rep.kind != "submit_ack":
-                    raise SubmitError(rep.f.get("reason", f"unexpected {rep.kind}"))
+                if type(rep) is not wire.SubmitAck:
+                    raise SubmitError(getattr(rep, "reason", f"unexpected {rep.kind}"))
                 if not rep.ok:
                     raise SubmitError(rep.reason)
                 if idx != start:
@@ -199,7 +193,7 @@ class ClusterClient:
             for idx in held:
                 try:
                     await self.ep.request(
-                        self.shards[idx], Message("len_query"), timeout=self.shard_dead_after
+                        self.shards[idx], wire.LenQuery(), timeout=self.shard_dead_after
                     )
                     self._dead.discard(idx)
                     continue
@@ -227,7 +221,9 @@ class ClusterClient:
 
         async def one(a: Addr) -> dict:
             try:
-                rep = await self.ep.request(a, Message("status", {"what": what}), timeout=timeout)
+                rep = await self.ep.request(a, wire.Status(what), timeout=timeout)
+                if type(rep) is not wire.StatusReply:
+                    return {"addr": wire.fmt_addr(a), "error": getattr(rep, "reason", rep.kind)}
                 return {"addr": wire.fmt_addr(a), **rep.data}
             except TimeoutError:
                 return {

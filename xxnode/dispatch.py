@@ -89,37 +89,34 @@ class Dispatcher(wire.Service):
         return self.ep.addr
 
     # requests from shards --------------------------------------------------------------
-    def handle(self, hdr: wire.Header, msg: Message, addr: Addr):
-        if msg.kind == "probe":
-            free, running = self.ex.snapshot()
-            return Message("probe_reply", {"running": running, "free": max(free, 0)})
-        if msg.kind == "place":
+    def handle(self, msg: Message, addr: Addr):
+        kind = type(msg)
+        if kind is wire.Place:
             return self._on_place(msg, addr)
-        if msg.kind == "status":
+        if kind is wire.Probe:
             free, running = self.ex.snapshot()
-            return Message(
-                "status_reply",
-                {
-                    "data": {
-                        "node": self.node_id,
-                        "free": free,
-                        "running": running,
-                        "listed": None if self.listing is None else str(self.listing.shard),
-                        "counts": self.counts,
-                        "dropped": dict(self.ep.codec.dropped),
-                    }
-                },
-            )
-        return Message("error", {"reason": f"dispatcher does not take {msg.kind}"})
+            return wire.ProbeReply(running, max(free, 0))
+        if kind is wire.Status:
+            free, running = self.ex.snapshot()
+            data = {
+                "node": self.node_id,
+                "free": free,
+                "running": running,
+                "listed": None if self.listing is None else str(self.listing.shard),
+                "counts": self.counts,
+                "dropped": dict(self.ep.codec.dropped),
+            }
+            return wire.StatusReply(data)
+        return wire.Error(f"dispatcher does not take {msg.kind}")
 
-    def _on_place(self, m: Message, shard: Addr) -> Message:
+    def _on_place(self, m: wire.Place, shard: Addr) -> Message:
         if m.job in self.jobs:
-            return Message("accept", {"job": m.job})  # a repeat: already ours
+            return wire.Accept(m.job)  # a repeat: already ours
         admit = getattr(self.ex, "admit", None)
         reason = admit(m.cls) if admit is not None else None
         if reason:
             self.counts["refused"] += 1
-            return Message("refuse", {"job": m.job, "reason": reason})
+            return wire.Refuse(m.job, reason)
         self.jobs[m.job] = "accepted"
         while len(self.jobs) > KEEP_JOBS:
             self.jobs.popitem(last=False)
@@ -127,9 +124,9 @@ class Dispatcher(wire.Service):
         if self.listing is not None and self.listing.shard == shard:
             self.listing = replace(self.listing, jobs=self.listing.jobs + 1)
         self._spawn(self._run(m, shard))
-        return Message("accept", {"job": m.job})
+        return wire.Accept(m.job)
 
-    async def _run(self, m: Message, shard: Addr) -> None:
+    async def _run(self, m: wire.Place, shard: Addr) -> None:
         arbiter = wire.parse_addr(m.arbiter) if m.arbiter else shard
         status, result = wire.FAILED_START, {}
         try:
@@ -137,11 +134,9 @@ class Dispatcher(wire.Service):
             if m.size > len(m.inline):
                 payload = await self.ep.fetch(shard, m.digest, m.size)
             rep = await self.ep.request(
-                arbiter,
-                Message("claim", {"job": m.job, "node": self.node_id}),
-                timeout=self.claim_timeout,
+                arbiter, wire.Claim(m.job, self.node_id), timeout=self.claim_timeout
             )
-            if rep.kind != "grant" or not rep.ok:
+            if type(rep) is not wire.Grant or not rep.ok:
                 self.jobs[m.job] = "denied"
                 self.counts["denied"] += 1
                 status = wire.DENIED
@@ -160,9 +155,13 @@ class Dispatcher(wire.Service):
             status = wire.DENIED  # arbiter unreachable: nobody is waiting for it
         self.jobs[m.job] = "done"
         self._kick.set()
-        done = Message(
-            "done", {"job": m.job, "node": self.node_id, "status": status, "result": result}
-        )
+        done = wire.Done(m.job, self.node_id, status, result)
+        try:
+            wire.check(done)
+        except ValueError as e:  # the job is still reported, without its accounting
+            if not -(1 << 31) <= status < 1 << 31:
+                status = wire.FAILED_START
+            done = wire.Done(m.job, self.node_id, status, {"error": f"unreportable: {e}"})
         targets = [shard] if (arbiter == shard or status == wire.DENIED) else [arbiter, shard]
         await asyncio.gather(*(self._deliver(t, done) for t in targets))
 
@@ -189,14 +188,9 @@ class Dispatcher(wire.Service):
         shard must not silence us towards the live ones (they would declare us dead)."""
         while True:
             free, running = self.ex.snapshot()
-            body = {
-                "node": self.node_id,
-                "free": max(free, 0),
-                "total": self.ex.total_bytes,
-                "jobs": running,
-            }
+            hello = wire.Hello(self.node_id, max(free, 0), self.ex.total_bytes, running)
             for s in self.shards:
-                self.ep.send(s, Message("hello", body))
+                self.ep.send(s, hello)
             await asyncio.sleep(self.heartbeat_s)
 
     async def _idle_step(self, free: int, running: int) -> None:
@@ -204,23 +198,21 @@ class Dispatcher(wire.Service):
         now = time.monotonic()
         if act is None and self.listing is not None and now - self._confirmed > self.refresh_s:
             act = UPDATE  # keep-alive: a listing on a dead shard must not go unnoticed
-        body = {"node": self.node_id, "free": free, "total": self.ex.total_bytes, "jobs": running}
+        load = (self.node_id, free, self.ex.total_bytes, running)
         try:
             if act == JOIN:
                 shard = await self._choose_shard()
                 if shard is not None:
-                    await self.ep.request(shard, Message("idle_join", body), timeout=1.0)
+                    await self.ep.request(shard, wire.IdleJoin(*load), timeout=1.0)
                     self.listing = Listing(shard, free, running)
                     self._confirmed = now
             elif act == UPDATE:
-                await self.ep.request(self.listing.shard, Message("idle_update", body), timeout=1.0)
+                await self.ep.request(self.listing.shard, wire.IdleUpdate(*load), timeout=1.0)
                 self.listing = Listing(self.listing.shard, free, running)
                 self._confirmed = now
             elif act == LEAVE:
                 shard, self.listing = self.listing.shard, None
-                await self.ep.request(
-                    shard, Message("idle_leave", {"node": self.node_id}), timeout=1.0
-                )
+                await self.ep.request(shard, wire.IdleLeave(self.node_id), timeout=1.0)
         except TimeoutError:
             if act != JOIN:
                 self.listing = None  # that shard is gone; the next step joins another
@@ -228,13 +220,11 @@ class Dispatcher(wire.Service):
     async def _choose_shard(self) -> Addr | None:
         picks = self.rng.sample(self.shards, min(self.k, len(self.shards)))
         replies = await asyncio.gather(
-            *(self.ep.request(s, Message("len_query"), timeout=0.5) for s in picks),
+            *(self.ep.request(s, wire.LenQuery(), timeout=0.5) for s in picks),
             return_exceptions=True,
         )
         probed = [
-            (s, r.length)
-            for s, r in zip(picks, replies, strict=True)
-            if isinstance(r, Message) and r.kind == "len_reply"
+            (s, r.length) for s, r in zip(picks, replies, strict=True) if type(r) is wire.LenReply
         ]
         return choose_shard(probed) if probed else None
 

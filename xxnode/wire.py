@@ -1,18 +1,20 @@
-"""XX's UDP protocol: message formats, authentication, replay defence, retransmission and
-large-payload transfer.  See docs/cluster.md for the layout and the guarantees.
+"""XX's UDP protocol: message types, authentication, replay defence, retransmission,
+natural batching and large-payload transfer.  See docs/cluster.md for the guarantees.
 
-Datagram (big-endian)::
+Datagram::
 
     0   'X' 'X'          magic
     2   u8  version      VERSION; anything else is dropped (BadVersion)
-    3   u8  type         message type (TYPES)
-    4   u64 sender       random per process incarnation
-    12  u64 seq          per-sender, new for every datagram (retransmits too)
-    20  u64 ts_ms        sender's wall clock
-    28  u64 rid          request id (0: not a request)
-    36  u64 reply_to     rid this answers (0: not a reply)
-    44  body             the type's fields, packed by its schema; no trailing bytes
-    -16 mac              HMAC-SHA256(cluster key, everything before)[:16]
+    3   u64 sender       random per process incarnation       } big-endian
+    11  u64 seq          per sender, new for every datagram   }
+    19  u64 ts_ms        sender's wall clock                  }
+    27  body             MessagePack: [[rid, reply_to, [type, field, ...]], ...]
+    -16 mac              keyed BLAKE2b-128(cluster key, everything before)
+
+A datagram carries one or more messages for one peer (what an endpoint produced for it
+in one pass of its event loop).  Each message has its own request id (``rid``, 0: not a
+request) and the rid it answers (``reply_to``, 0: not a reply); the types are the
+``Message`` subclasses below, encoded as arrays tagged with their type code.
 
 Why each defence: the MAC (checked first, before any state is touched) makes forged or
 bit-flipped datagrams harmless; ``seq`` + ``ts_ms`` make replays harmless -- a receiver
@@ -20,6 +22,12 @@ keeps, per sender, the seqs seen inside the acceptance window, and anything olde
 the window is refused by its timestamp, so the per-sender memory can be forgotten.  A
 retransmission is therefore a *new* datagram carrying the same ``rid``; receivers dedupe
 requests by (sender, rid) and answer a repeat with the cached reply (idempotent).
+
+Why MessagePack through msgspec: the body codec is the hot path of a shard placing
+10 000 jobs/s on one core.  msgspec decodes and validates a typed message in C in well
+under a microsecond; the schema-driven Python codec it replaced took ~4 us per message
+plus a Python-level field lookup per read.  Keyed BLAKE2b is a MAC by design (RFC 7693)
+and costs a third of HMAC-SHA256 here.
 
 Every failure to decode is a subclass of ``WireError``, counted by reason in
 ``Codec.dropped``; nothing else escapes ``Codec.decode``.
@@ -29,23 +37,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
-import json
 import os
 import random
 import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from hmac import compare_digest
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, Any, ClassVar, Union
+
+import msgspec
 
 MAGIC = b"XX"
-VERSION = 1
-HEADER = struct.Struct(">2sBBQQQQQ")
+VERSION = 2  # 1: schema-packed bodies, HMAC-SHA256
+HEADER = struct.Struct(">2sBQQQ")
 MAC_LEN = 16
 MAX_DATAGRAM = 9216  # largest datagram accepted; bigger inputs go as fragments
+BATCH_MAX = 1400  # messages share a datagram up to this size: one 1500-byte MTU frame
 CHUNK = 1200  # fragment data per datagram: fits a 1500-byte MTU path with our headers
 INLINE_MAX = 1024  # payloads up to this ride inside SUBMIT/PLACE
 MAX_PAYLOAD = 6 * 1024 * 1024  # a job's input, as AWS Lambda allows
@@ -97,330 +106,195 @@ class Malformed(WireError):
     reason = "malformed"
 
 
-# --- message schemas -------------------------------------------------------------------
-# Field codes: B u8, i i32, I u32, Q u64, J 16-byte job id, D 32-byte sha256 digest,
-# s str (u16 length), y bytes (u32 length), j JSON object (u32 length).
+# --- messages ---------------------------------------------------------------------------
+# Field types carry their bounds, so a decoded message is already validated: a job id is
+# 16 bytes, a digest 32, counters are unsigned.  spec/result/data are maps with string
+# keys (what JSON would carry).
 
-JOB = "J"
-_SCHEMAS: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {
-    # client -> shard: a new job; payload inline or fetched from the sender by digest
-    "submit": (
-        1,
-        (
-            ("job", "J"),
-            ("cls", "s"),
-            ("arbiter", "s"),
-            ("spec", "j"),
-            ("size", "Q"),
-            ("digest", "D"),
-            ("inline", "y"),
-        ),
-    ),
-    "submit_ack": (2, (("job", "J"), ("ok", "B"), ("reason", "s"))),
-    # shard -> node; ``arbiter`` "" means the shard itself grants the claim
-    "place": (
-        3,
-        (
-            ("job", "J"),
-            ("cls", "s"),
-            ("arbiter", "s"),
-            ("spec", "j"),
-            ("size", "Q"),
-            ("digest", "D"),
-            ("inline", "y"),
-        ),
-    ),
-    "accept": (4, (("job", "J"),)),
-    "refuse": (5, (("job", "J"), ("reason", "s"))),
-    "probe": (6, ()),
-    "probe_reply": (7, (("running", "I"), ("free", "Q"))),
-    "idle_join": (8, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
-    "idle_update": (9, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
-    "idle_leave": (10, (("node", "s"),)),
-    "len_query": (11, ()),
-    "len_reply": (12, (("length", "I"),)),
-    "done": (13, (("job", "J"), ("node", "s"), ("status", "i"), ("result", "j"))),
-    "ack": (14, ()),
-    "fetch": (15, (("digest", "D"), ("first", "I"), ("count", "I"))),
-    "frag": (16, (("digest", "D"), ("index", "I"), ("size", "Q"), ("data", "y"))),
-    "hello": (17, (("node", "s"), ("free", "Q"), ("total", "Q"), ("jobs", "I"))),
-    "claim": (18, (("job", "J"), ("node", "s"))),
-    "grant": (19, (("job", "J"), ("ok", "B"))),
-    "status": (20, (("what", "s"),)),
-    "status_reply": (21, (("data", "j"),)),
-    "node_lost": (22, (("job", "J"), ("node", "s"))),
-    "error": (23, (("reason", "s"),)),
-}
-TYPES: dict[int, str] = {code: name for name, (code, _) in _SCHEMAS.items()}
+JobId = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+Digest = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+U64 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # msgspec bounds stop at int64
+I32 = Annotated[int, msgspec.Meta(ge=-(1 << 31), lt=1 << 31)]
+Name = Annotated[str, msgspec.Meta(max_length=1024)]
+Obj = dict[str, Any]
+
+
+class Message(msgspec.Struct, array_like=True):
+    """Base of every message type; ``kind`` is the type's name in logs and errors."""
+
+    kind: ClassVar[str] = "message"
+
+
+class _Job(Message):
+    job: JobId
+    cls: Name
+    arbiter: Name  # "host:port" that grants the claim; "" = the shard; "@" = the submitter
+    spec: Obj
+    size: U64  # input size; > len(inline) means it is pulled by digest
+    digest: Digest
+    inline: bytes
+
+
+class _Load(Message):
+    node: Name
+    free: U64
+    total: U64
+    jobs: U32
+
+
+class Submit(_Job, tag=1):  # client -> shard
+    pass
+
+
+class SubmitAck(Message, tag=2):
+    job: JobId
+    ok: bool
+    reason: str
+
+
+class Place(_Job, tag=3):  # shard -> node
+    pass
+
+
+class Accept(Message, tag=4):
+    job: JobId
+
+
+class Refuse(Message, tag=5):
+    job: JobId
+    reason: str
+
+
+class Probe(Message, tag=6):
+    pass
+
+
+class ProbeReply(Message, tag=7):
+    running: U32
+    free: U64
+
+
+class IdleJoin(_Load, tag=8):
+    pass
+
+
+class IdleUpdate(_Load, tag=9):
+    pass
+
+
+class IdleLeave(Message, tag=10):
+    node: Name
+
+
+class LenQuery(Message, tag=11):
+    pass
+
+
+class LenReply(Message, tag=12):
+    length: U32
+
+
+class Done(Message, tag=13):  # node -> arbiter and shard
+    job: JobId
+    node: Name
+    status: I32
+    result: Obj  # the executor's accounting
+
+
+class Ack(Message, tag=14):
+    pass
+
+
+class Fetch(Message, tag=15):
+    digest: Digest
+    first: U32
+    count: U32
+
+
+class Frag(Message, tag=16):
+    digest: Digest
+    index: U32
+    size: U64
+    data: bytes
+
+
+class Hello(_Load, tag=17):  # node -> every shard: heartbeat
+    pass
+
+
+class Claim(Message, tag=18):
+    job: JobId
+    node: Name
+
+
+class Grant(Message, tag=19):
+    job: JobId
+    ok: bool
+
+
+class Status(Message, tag=20):
+    what: Name
+
+
+class StatusReply(Message, tag=21):
+    data: Obj
+
+
+class NodeLost(Message, tag=22):
+    job: JobId
+    node: Name
+
+
+class Error(Message, tag=23):
+    reason: str
+
+
+MESSAGES: tuple[type[Message], ...] = (
+    Submit,
+    SubmitAck,
+    Place,
+    Accept,
+    Refuse,
+    Probe,
+    ProbeReply,
+    IdleJoin,
+    IdleUpdate,
+    IdleLeave,
+    LenQuery,
+    LenReply,
+    Done,
+    Ack,
+    Fetch,
+    Frag,
+    Hello,
+    Claim,
+    Grant,
+    Status,
+    StatusReply,
+    NodeLost,
+    Error,
+)
+for _m in MESSAGES:  # SubmitAck -> "submit_ack"
+    _m.kind = "".join("_" + c.lower() if c.isupper() else c for c in _m.__name__).lstrip("_")
+TYPES: dict[int, type[Message]] = {m.__struct_config__.tag: m for m in MESSAGES}
 
 # Status codes carried in DONE besides a process exit status.
 NODE_LOST = -1000  # the node running it died (declared policy: report, do not retry)
 DENIED = -1001  # the arbiter gave the job to another node; nothing ran here
 FAILED_START = -1002  # the executor could not run it
 
+# --- the codec --------------------------------------------------------------------------
 
-@dataclass(slots=True)
-class Message:
-    kind: str
-    f: dict = field(default_factory=dict)
-
-    def __new__(cls, kind: str, f: dict | None = None):
-        # each schema kind has a subclass whose fields are properties: ``m.job`` is then
-        # a plain attribute lookup instead of a failed one (an AttributeError built and
-        # caught) followed by __getattr__ -- measurable at ~10 field reads per message
-        return object.__new__(_MESSAGE_CLASSES.get(kind, cls))
-
-    def __getattr__(self, name: str):
-        try:
-            return self.f[name]
-        except KeyError:
-            raise AttributeError(name) from None
+Envelope = tuple[int, int, Message]  # (rid, reply_to, message)
+_BODY = msgspec.msgpack.Decoder(list[tuple[U64, U64, Union[MESSAGES]]])  # noqa: UP007
+_encode = msgspec.msgpack.Encoder().encode
+_MIN_DATAGRAM = HEADER.size + 1 + MAC_LEN
 
 
-def _field(name: str) -> property:
-    def get(self):
-        try:
-            return self.f[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    return property(get)
-
-
-_MESSAGE_CLASSES: dict[str, type] = {}
-for _kind, (_, _schema) in _SCHEMAS.items():
-    _ns: dict = {"__slots__": (), "__qualname__": "Message", "__module__": __name__}
-    _ns.update({name: _field(name) for name, _ in _schema})
-    _MESSAGE_CLASSES[_kind] = type("Message", (Message,), _ns)
-
-
-class Header(NamedTuple):
-    sender: int
-    seq: int
-    ts_ms: int
-    rid: int
-    reply_to: int
-
-
-def _pack_body(kind: str, f: dict) -> bytes:
-    try:
-        code, schema = _SCHEMAS[kind]
-    except KeyError:
-        raise ValueError(f"unknown message kind {kind!r}") from None
-    out = bytearray()
-    for name, t in schema:
-        v = f[name]
-        if t == "B":
-            out += struct.pack(">B", v)
-        elif t == "i":
-            out += struct.pack(">i", v)
-        elif t == "I":
-            out += struct.pack(">I", v)
-        elif t == "Q":
-            out += struct.pack(">Q", v)
-        elif t in "JD":
-            n = 16 if t == "J" else 32
-            if len(v) != n:
-                raise ValueError(f"{kind}.{name}: need {n} bytes")
-            out += v
-        elif t == "s":
-            b = v.encode()
-            out += struct.pack(">H", len(b)) + b
-        elif t in "yj":
-            b = json.dumps(v, separators=(",", ":")).encode() if t == "j" else bytes(v)
-            out += struct.pack(">I", len(b)) + b
-    return bytes(out)
-
-
-def _unpack_body(kind: str, body: bytes) -> dict:
-    schema = _SCHEMAS[kind][1]
-    f: dict = {}
-    p = 0
-    n = len(body)
-    try:
-        for name, t in schema:
-            if t in "BiIQ":
-                size = {"B": 1, "i": 4, "I": 4, "Q": 8}[t]
-                if p + size > n:
-                    raise Truncated(f"{kind}.{name}")
-                (f[name],) = struct.unpack_from(">" + t, body, p)
-                p += size
-            elif t in "JD":
-                size = 16 if t == "J" else 32
-                if p + size > n:
-                    raise Truncated(f"{kind}.{name}")
-                f[name] = body[p : p + size]
-                p += size
-            else:
-                lsize = 2 if t == "s" else 4
-                if p + lsize > n:
-                    raise Truncated(f"{kind}.{name}")
-                (ln,) = struct.unpack_from(">H" if t == "s" else ">I", body, p)
-                p += lsize
-                if p + ln > n:
-                    raise Truncated(f"{kind}.{name}")
-                raw = body[p : p + ln]
-                p += ln
-                if t == "s":
-                    f[name] = raw.decode()
-                elif t == "y":
-                    f[name] = raw
-                else:
-                    v = json.loads(raw)
-                    if not isinstance(v, dict):
-                        raise Malformed(f"{kind}.{name}: not a JSON object")
-                    f[name] = v
-    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        if isinstance(e, WireError):
-            raise
-        raise Malformed(f"{kind}: {e}") from None
-    except RecursionError:
-        raise Malformed(f"{kind}: JSON nested too deep") from None
-    if p != n:
-        raise Malformed(f"{kind}: {n - p} trailing bytes")
-    return f
-
-
-# --- compiled codecs --------------------------------------------------------------------
-# The schemas are fixed, so each type gets a generated pack and unpack function: no
-# per-field dispatch, precompiled struct.Struct objects, the body read in place (no
-# copy of it).  Same wire format and the same refusals as _pack_body/_unpack_body, which
-# stay as the reference ("legacy") codec: tests check the two agree, and
-# XX_WIRE_CODEC=legacy selects them (tools/bench_shard --compare).
-
-_FIXED = {"B": struct.Struct(">B"), "i": struct.Struct(">i"), "I": struct.Struct(">I")}
-_FIXED["Q"] = struct.Struct(">Q")
-_LEN = {"s": struct.Struct(">H"), "y": struct.Struct(">I"), "j": struct.Struct(">I")}
-_json_compact = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _json_bytes(v) -> bytes:
-    if type(v) is dict and not v:
-        return b"{}"
-    return _json_compact(v).encode()
-
-
-def _json_obj(raw, kind: str, name: str) -> dict:
-    if raw == b"{}":
-        return {}
-    v = json.loads(bytes(raw))
-    if not isinstance(v, dict):
-        raise Malformed(f"{kind}.{name}: not a JSON object")
-    return v
-
-
-def _compile(kind: str, schema: tuple[tuple[str, str], ...]) -> tuple[Callable, Callable]:
-    g = {"_json_bytes": _json_bytes, "_json_obj": _json_obj, "Truncated": Truncated}
-    g["Malformed"] = Malformed
-    for t, st in _FIXED.items():
-        g[f"_p{t}"], g[f"_u{t}"] = st.pack, st.unpack_from
-    for t, st in _LEN.items():
-        g[f"_pl{t}"], g[f"_ul{t}"] = st.pack, st.unpack_from
-    enc = ["def enc(f):"]
-    parts = []
-    dec = ["def dec(b, p, n):", "    f = {}"]
-    for i, (name, t) in enumerate(schema):
-        v = f"v{i}"
-        enc.append(f"    {v} = f[{name!r}]")
-        if t in _FIXED:
-            parts.append(f"_p{t}({v})")
-            size = _FIXED[t].size
-            dec += [
-                f"    if p + {size} > n: raise Truncated('{kind}.{name}')",
-                f"    f[{name!r}] = _u{t}(b, p)[0]",
-                f"    p += {size}",
-            ]
-        elif t in "JD":
-            size = 16 if t == "J" else 32
-            enc += [
-                f"    if len({v}) != {size}:",
-                f"        raise ValueError('{kind}.{name}: need {size} bytes')",
-            ]
-            parts.append(v)
-            dec += [
-                f"    if p + {size} > n: raise Truncated('{kind}.{name}')",
-                f"    f[{name!r}] = b[p : p + {size}]",
-                f"    p += {size}",
-            ]
-        else:
-            conv = {"s": f"{v}.encode()", "y": f"bytes({v})", "j": f"_json_bytes({v})"}[t]
-            enc.append(f"    {v} = {conv}")
-            parts += [f"_pl{t}(len({v}))", v]
-            lsize = _LEN[t].size
-            dec += [
-                f"    if p + {lsize} > n: raise Truncated('{kind}.{name}')",
-                f"    q = p + {lsize} + _ul{t}(b, p)[0]",
-                f"    if q > n: raise Truncated('{kind}.{name}')",
-            ]
-            if t == "s":
-                dec.append(f"    f[{name!r}] = b[p + {lsize} : q].decode()")
-            elif t == "y":
-                dec.append(f"    f[{name!r}] = b[p + {lsize} : q]")
-            else:
-                dec.append(f"    f[{name!r}] = _json_obj(b[p + {lsize} : q], {kind!r}, {name!r})")
-            dec.append("    p = q")
-    enc.append(f"    return b''.join(({', '.join(parts)}{',' if parts else ''}))")
-    dec += [
-        "    if p != n:",
-        f"        raise Malformed('{kind}: ' + str(n - p) + ' trailing bytes')",
-        "    return f",
-    ]
-    exec("\n".join(enc) + "\n\n" + "\n".join(dec), g)  # noqa: S102 -- our own schemas
-    return g["enc"], g["dec"]
-
-
-# kind -> (code, pack(fields) -> body, unpack(datagram, start, end) -> fields)
-_CODECS: dict[str, tuple[int, Callable, Callable]] = {
-    kind: (code, *_compile(kind, schema)) for kind, (code, schema) in _SCHEMAS.items()
-}
-_BY_CODE: dict[int, tuple[str, Callable]] = {c: (k, d) for k, (c, _, d) in _CODECS.items()}
-_HEAD5 = struct.Struct(">QQQQQ")  # the header after magic, version, type
-_MIN_DATAGRAM = HEADER.size + MAC_LEN
-_compare_digest = hmac.compare_digest
-_new_header = Header._make
-
-# --- batches ----------------------------------------------------------------------------
-# BATCH (type 24): several messages for one peer in one datagram, under one header and
-# one MAC.  Body: repeated [u8 type][u64 rid][u64 reply_to][u32 length][body].  The outer
-# header's rid and reply_to are 0; each inner message carries its own, and is then
-# handled exactly as if it had come alone (dedupe by (sender, rid), replies by
-# reply_to).  The datagram is parsed whole before anything is handled: a truncated,
-# malformed or nested inner message refuses the whole batch (one count).  Replay
-# defence is the outer seq's.  A peer from before batches drops one as unknown_type.
-BATCH = 24
-BATCH_MAX = 1400  # bytes per batch datagram: one frame on a 1500-byte MTU path
-_INNER = struct.Struct(">BQQI")
-
-
-def _dec_batch(b, p: int, n: int) -> dict:
-    items = []
-    unpack = _INNER.unpack_from
-    while p < n:
-        if p + _INNER.size > n:
-            raise Truncated("batch: inner header")
-        code, rid, reply_to, ln = unpack(b, p)
-        p += _INNER.size
-        q = p + ln
-        if q > n:
-            raise Truncated("batch: inner body")
-        ent = _BY_CODE.get(code)
-        if ent is None or code == BATCH:
-            raise UnknownType(f"batch: inner type {code}")
-        items.append((rid, reply_to, Message(ent[0], ent[1](b, p, q))))
-        p = q
-    if not items:
-        raise Malformed("batch: empty")
-    return {"items": items}
-
-
-def batch_item(msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
-    """One message framed for a batch body (Codec.encode_batch joins them)."""
-    code, pack, _ = _CODECS[msg.kind]
-    body = pack(msg.f)
-    return _INNER.pack(code, rid, reply_to, len(body)) + body
-
-
-_BY_CODE[BATCH] = ("batch", _dec_batch)
+def _array_head(n: int) -> bytes:
+    """MessagePack array header for ``n`` items (the frame around pre-encoded ones)."""
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
 
 
 def load_key(path: str | Path) -> bytes:
@@ -444,16 +318,11 @@ class Codec:
         sender: int | None = None,
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.time,
-        fast: bool | None = None,
     ) -> None:
-        self._key = key
-        self._mac_proto = hmac.new(key, digestmod=hashlib.sha256)
-        if fast is None:
-            fast = os.environ.get("XX_WIRE_CODEC", "") != "legacy"
-        self.fast = fast
-        if not fast:  # the reference codec: same bytes, same refusals, slower
-            self.encode = self._encode_legacy  # type: ignore[method-assign]
-            self._decode = self._decode_legacy  # type: ignore[method-assign]
+        if len(key) > 64:  # BLAKE2b keys are at most 64 bytes
+            key = hashlib.blake2b(key).digest()
+        # the keyed state is set up once; copying it is cheaper than re-keying per datagram
+        self._mac_proto = hashlib.blake2b(key=key, digest_size=MAC_LEN)
         self.sender = sender if sender is not None else random.getrandbits(64) or 1
         self._seq = 0
         self.window_ms = int(window_s * 1000)
@@ -463,56 +332,37 @@ class Codec:
         self.dropped: Counter[str] = Counter()
 
     def _mac(self, data: bytes) -> bytes:
-        # the keyed state is computed once: copying it is cheaper here than the one-shot
-        # hmac.digest(), which re-derives the key pads on every call (3.7 vs 4.7 us)
         m = self._mac_proto.copy()
         m.update(data)
-        return m.digest()[:MAC_LEN]
+        return m.digest()
 
-    def _mac_legacy(self, data: bytes) -> bytes:
-        m = self._mac_proto.copy()
-        m.update(data)
-        return m.digest()[:MAC_LEN]
+    def seal(self, body: bytes) -> bytes:
+        """One datagram around an encoded body (a MessagePack array of envelopes)."""
+        self._seq += 1
+        data = HEADER.pack(MAGIC, VERSION, self.sender, self._seq, int(self.clock() * 1000))
+        data += body
+        if len(data) + MAC_LEN > MAX_DATAGRAM:
+            raise ValueError(f"datagram of {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
+        return data + self._mac(data)
 
     def encode(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
-        code, pack, _ = _CODECS[msg.kind]
-        self._seq += 1
-        ts = int(self.clock() * 1000)
-        data = HEADER.pack(MAGIC, VERSION, code, self.sender, self._seq, ts, rid, reply_to)
-        data += pack(msg.f)
-        if len(data) + MAC_LEN > MAX_DATAGRAM:
-            raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
-        return data + self._mac(data)
+        """One message alone in a datagram."""
+        return self.seal(_encode(((rid, reply_to, msg),)))
 
-    def encode_batch(self, items: list[bytes]) -> bytes:
-        """One BATCH datagram of messages framed by ``batch_item``."""
-        self._seq += 1
-        ts = int(self.clock() * 1000)
-        data = HEADER.pack(MAGIC, VERSION, BATCH, self.sender, self._seq, ts, 0, 0)
-        data += b"".join(items)
-        if len(data) + MAC_LEN > MAX_DATAGRAM:
-            raise ValueError(f"batch: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
-        return data + self._mac(data)
+    def pack(self, framed: list[bytes]) -> bytes:
+        """One datagram of messages encoded by ``frame``."""
+        return self.seal(_array_head(len(framed)) + b"".join(framed))
 
-    def _encode_legacy(self, msg: Message, rid: int = 0, reply_to: int = 0) -> bytes:
-        code = _SCHEMAS[msg.kind][0]
-        self._seq += 1
-        ts = int(self.clock() * 1000)
-        head = HEADER.pack(MAGIC, VERSION, code, self.sender, self._seq, ts, rid, reply_to)
-        data = head + _pack_body(msg.kind, msg.f)
-        if len(data) + MAC_LEN > MAX_DATAGRAM:
-            raise ValueError(f"{msg.kind}: {len(data) + MAC_LEN} bytes exceeds {MAX_DATAGRAM}")
-        return data + self._mac_legacy(data)
-
-    def decode(self, data: bytes) -> tuple[Header, Message]:
-        """Verify and parse one datagram; raises a WireError (and counts it) if refused."""
+    def decode(self, data: bytes) -> tuple[int, list[Envelope]]:
+        """Verify and parse one datagram into (sender, [(rid, reply_to, msg), ...]);
+        raises a WireError (and counts it) if refused -- the whole datagram, then."""
         try:
             return self._decode(data)
         except WireError as e:
             self.dropped[e.reason] += 1
             raise
 
-    def _decode(self, data: bytes) -> tuple[Header, Message]:
+    def _decode(self, data: bytes) -> tuple[int, list[Envelope]]:
         n = len(data)
         if n > MAX_DATAGRAM:
             raise Oversized(f"{n} bytes")
@@ -523,50 +373,28 @@ class Codec:
         if data[2] != VERSION:
             raise BadVersion(f"version {data[2]}")
         body_end = n - MAC_LEN
-        if not _compare_digest(self._mac(data[:body_end]), data[body_end:]):
+        if not compare_digest(self._mac(data[:body_end]), data[body_end:]):
             raise BadMac("authentication failed")
-        ent = _BY_CODE.get(data[3])
-        if ent is None:
-            raise UnknownType(f"type {data[3]}")
-        hdr = _new_header(_HEAD5.unpack_from(data, 4))
-        now = int(self.clock() * 1000)
-        if abs(now - hdr[2]) > self.window_ms:
-            raise Stale(f"timestamp {hdr[2]} outside window at {now}")
-        kind = ent[0]
-        try:
-            f = ent[1](data, HEADER.size, body_end)
-        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-            if isinstance(e, WireError):
-                raise
-            raise Malformed(f"{kind}: {e}") from None
-        except RecursionError:
-            raise Malformed(f"{kind}: JSON nested too deep") from None
-        self._check_replay(hdr[0], hdr[1], now)
-        return hdr, Message(kind, f)
-
-    def _decode_legacy(self, data: bytes) -> tuple[Header, Message]:
-        n = len(data)
-        if n > MAX_DATAGRAM:
-            raise Oversized(f"{n} bytes")
-        if n < HEADER.size + MAC_LEN:
-            raise Truncated(f"{n} bytes")
-        if data[:2] != MAGIC:
-            raise BadMagic("not an XX datagram")
-        if data[2] != VERSION:
-            raise BadVersion(f"version {data[2]}")
-        body_end = n - MAC_LEN
-        if not hmac.compare_digest(self._mac_legacy(data[:body_end]), data[body_end:]):
-            raise BadMac("authentication failed")
-        _, _, code, sender, seq, ts, rid, reply_to = HEADER.unpack_from(data)
-        kind = TYPES.get(code)
-        if kind is None:
-            raise UnknownType(f"type {code}")
+        _, _, sender, seq, ts = HEADER.unpack_from(data)
         now = int(self.clock() * 1000)
         if abs(now - ts) > self.window_ms:
             raise Stale(f"timestamp {ts} outside window at {now}")
-        f = _unpack_body(kind, data[HEADER.size : body_end])
+        try:
+            items = _BODY.decode(memoryview(data)[HEADER.size : body_end])
+        except msgspec.ValidationError as e:
+            if "Invalid value" in str(e) and "][2][0]" in str(e):
+                raise UnknownType(str(e)) from None
+            raise Malformed(str(e)) from None
+        except msgspec.DecodeError as e:
+            if "truncated" in str(e):
+                raise Truncated(str(e)) from None
+            raise Malformed(str(e)) from None
+        except RecursionError:
+            raise Malformed("nested too deep") from None
+        if not items:
+            raise Malformed("no messages")
         self._check_replay(sender, seq, now)
-        return Header(sender, seq, ts, rid, reply_to), Message(kind, f)
+        return sender, items
 
     def _check_replay(self, sender: int, seq: int, now: int) -> None:
         st = self._seen.get(sender)
@@ -622,7 +450,7 @@ class Reassembly:
         self._parts: dict[int, bytes] = {}
         self._low = 0  # every index below this has arrived
 
-    def add(self, m: Message) -> None:
+    def add(self, m: Frag) -> None:
         """Take one FRAG; a fragment that cannot belong to this payload is a WireError."""
         if m.digest != self.digest or m.size != self.size:
             raise Malformed("fragment of another payload")
@@ -660,16 +488,9 @@ class Reassembly:
         return data
 
 
-def frag_message(payload: bytes, dig: bytes, index: int, chunk: int = CHUNK) -> Message:
-    return Message(
-        "frag",
-        {
-            "digest": dig,
-            "index": index,
-            "size": len(payload),
-            "data": payload[index * chunk : (index + 1) * chunk],
-        },
-    )
+def frag_message(payload: bytes, dig: bytes, index: int, chunk: int = CHUNK) -> Frag:
+    data = payload[index * chunk : (index + 1) * chunk]
+    return Frag(dig, index, len(payload), data)
 
 
 # --- the asyncio endpoint --------------------------------------------------------------
@@ -688,23 +509,47 @@ def fmt_addr(addr: Addr) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
-class _Call:
-    """One outstanding request of an Endpoint: retransmitted by a timer (not a task per
-    request: cheap at 10k requests/s) until answered, timed out or cancelled."""
+TICK = 0.005  # retransmission timers are bucketed: one loop timer per tick, not per request
+_ROOM = BATCH_MAX - HEADER.size - MAC_LEN  # body bytes that still fit one frame
+_MAX_FRAMED = MAX_DATAGRAM - HEADER.size - MAC_LEN - 3  # one message, alone in a datagram
 
-    __slots__ = ("ep", "addr", "msg", "rid", "cb", "deadline", "rto", "max_rto")
-    __slots__ += ("sends", "t_first", "timer", "finished")
+
+def frame(msg: Message, rid: int, reply_to: int) -> bytes:
+    """One envelope, encoded; refused here, in the sender's context, if it cannot fit."""
+    b = _encode((rid, reply_to, msg))
+    if len(b) > _MAX_FRAMED:
+        raise ValueError(f"{msg.kind}: {len(b)} bytes does not fit a datagram")
+    return b
+
+
+def check(msg: Message) -> Message:
+    """``msg`` as a peer will decode it, or ValueError: for messages built from outside
+    data (a user's spec, an executor's accounting).  The encoder does not apply the
+    field bounds; a message that broke them would make its whole datagram refused."""
+    try:
+        msgspec.msgpack.decode(frame(msg, 0, 0), type=tuple[int, int, type(msg)])
+    except msgspec.ValidationError as e:
+        raise ValueError(f"{msg.kind}: {e}") from None
+    return msg
+
+
+class _Call:
+    """One outstanding request of an Endpoint: retransmitted from the endpoint's timer
+    wheel until answered, timed out or cancelled."""
+
+    __slots__ = ("ep", "addr", "kind", "framed", "rid", "cb", "deadline", "rto", "max_rto")
+    __slots__ += ("sends", "t_first", "finished")
 
     def __init__(self, ep, addr, msg, rid, cb, timeout, first_rto, max_rto) -> None:
-        self.ep, self.addr, self.msg, self.rid, self.cb = ep, addr, msg, rid, cb
-        self.t_first = asyncio.get_running_loop().time()
+        self.ep, self.addr, self.kind, self.rid, self.cb = ep, addr, msg.kind, rid, cb
+        self.framed = frame(msg, rid, 0)  # encoded once; retransmissions reuse it
+        self.t_first = ep.loop.time()
         self.deadline = self.t_first + timeout
         # TCP-style: never retransmit sooner than the measured round trip allows, or a
         # busy receiver is buried under copies of what it has not yet read (collapse)
         self.rto = min(max(first_rto, ep.srtt + 4 * ep.rttvar), max_rto)
         self.max_rto = max_rto
         self.sends = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.finished = False
 
     def done(self) -> bool:
@@ -713,21 +558,21 @@ class _Call:
     def fire(self) -> None:
         if self.finished:
             return
-        loop = asyncio.get_running_loop()
-        left = self.deadline - loop.time()
+        now = self.ep.loop.time()
+        left = self.deadline - now
         if left <= 0:
-            self._end(None, TimeoutError(f"{self.msg.kind} to {fmt_addr(self.addr)}: no answer"))
+            self._end(None, TimeoutError(f"{self.kind} to {fmt_addr(self.addr)}: no answer"))
             return
         if self.sends:
             self.ep.stats["retransmits"] += 1
-        self.ep._post(self.addr, self.msg, self.rid, 0)
+        self.ep._post(self.addr, self.framed)
         self.sends += 1
-        self.timer = loop.call_later(min(self.rto, left), self.fire)
+        self.ep._wake_at(now + min(self.rto, left), self)
         self.rto = min(self.rto * 2, self.max_rto)
 
     def set_result(self, rep: Message) -> None:
         if self.sends == 1:  # Karn: sample only unambiguous round trips
-            self.ep._rtt_sample(asyncio.get_running_loop().time() - self.t_first)
+            self.ep._rtt_sample(self.ep.loop.time() - self.t_first)
         self._end(rep, None)
 
     def cancel(self) -> None:
@@ -735,9 +580,7 @@ class _Call:
             self._end(None, asyncio.CancelledError())
 
     def _end(self, rep: Message | None, exc: BaseException | None) -> None:
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
+        self.finished = True  # its wheel entry is skipped when the tick comes
         self.ep._pending.pop(self.rid, None)
         try:
             self.cb(rep, exc)
@@ -748,58 +591,56 @@ class _Call:
 class Endpoint:
     """One UDP socket: requests retransmitted with backoff until answered, incoming
     requests deduped by (sender, rid) with their replies cached, payloads served and
-    fetched by digest.  ``handler(hdr, msg, addr)`` returns the reply Message (or None,
-    or a coroutine resolving to one) for each new request or one-way message.
+    fetched by digest.  ``handler(msg, addr)`` returns the reply Message (or None, or a
+    coroutine resolving to one) for each new request or one-way message.
+
+    Natural batching: messages for one peer produced in one pass of the event loop leave
+    together at the end of it (call_soon, never a timer: nothing waits for company).
 
     ``drop`` (0..1) with ``seed`` drops that share of outgoing datagrams: the tests'
     loss injection.
     """
 
     def __init__(
-        self,
-        codec: Codec,
-        handler: Callable | None = None,
-        drop: float = 0.0,
-        seed: int | None = None,
-        batch: bool | None = None,
+        self, codec: Codec, handler: Callable | None = None, drop: float = 0.0, seed=None
     ) -> None:
         self.codec = codec
         self.handler = handler
         self.sock = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._rid = random.getrandbits(40)
         self._pending: dict[int, _Call] = {}
-        self._replies: OrderedDict[tuple[int, int], tuple[float, Message | None]] = OrderedDict()
+        self._replies: OrderedDict[tuple[int, int], tuple[float, bytes | None]] = OrderedDict()
         self.reply_ttl = 2 * WINDOW_S
+        self._next_expiry = 0.0
         self.drop = drop
         self._drop_rng = random.Random(seed)
         self.payloads: dict[bytes, bytes] = {}  # digest -> payload we serve to FETCH
         self._fetches: dict[bytes, tuple[Reassembly, asyncio.Event]] = {}
         self.stats: Counter[str] = Counter()
         self.srtt, self.rttvar = 0.0, 0.0  # smoothed round trip of our requests (s)
-        # natural batching: messages for one peer produced in one pass of the event loop
-        # leave together, as a BATCH, at the end of it (call_soon, never a timer)
-        if batch is None:
-            batch = codec.fast and os.environ.get("XX_WIRE_BATCH", "1") != "0"
-        self.batch = batch
-        self._outq: dict[Addr, list[tuple[Message, int, int]]] = {}
+        self._outq: dict[Addr, list[bytes]] = {}
+        self._wheel: dict[int, tuple[asyncio.TimerHandle, list[_Call]]] = {}
 
     # socket plumbing: a raw non-blocking socket under loop.add_reader.  asyncio's own
     # datagram transport reads one datagram per loop iteration; draining the socket per
     # wakeup costs one select() per burst instead of one per datagram.
     def attach(self, sock) -> None:
         self.sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._drain)
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._drain)
 
     def _drain(self) -> None:
+        recv, received = self.sock.recvfrom, self.datagram_received
         for _ in range(256):  # bounded, so timers and other sockets get their turn
             try:
-                data, addr = self.sock.recvfrom(65536)
+                data, addr = recv(65536)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self.stats["socket_errors"] += 1
                 return
-            self.datagram_received(data, addr)
+            received(data, addr)
 
     @property
     def addr(self) -> Addr:
@@ -808,13 +649,17 @@ class Endpoint:
     def close(self) -> None:
         if self.sock is not None and self.sock.fileno() >= 0:
             try:
-                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                self.loop.remove_reader(self.sock.fileno())
             except RuntimeError:
                 pass  # no loop running any more
             self.sock.close()
+        for handle, _ in self._wheel.values():
+            handle.cancel()
+        self._wheel.clear()
         for c in list(self._pending.values()):
             c.cancel()
 
+    # sending -------------------------------------------------------------------------
     def _send(self, data: bytes, addr: Addr) -> None:
         if self.drop and self._drop_rng.random() < self.drop:
             self.stats["dropped_out"] += 1
@@ -827,48 +672,39 @@ class Endpoint:
             self.stats["socket_errors"] += 1
 
     def send(self, addr: Addr, msg: Message, reply_to: int = 0) -> None:
-        """Fire and forget (heartbeats, replies, fragments)."""
-        self._post(addr, msg, 0, reply_to)
+        """Fire and forget (heartbeats, replies)."""
+        self._post(addr, frame(msg, 0, reply_to))
 
-    def _post(self, addr: Addr, msg: Message, rid: int, reply_to: int) -> None:
-        """Send ``msg`` now, or with the other messages for ``addr`` of this loop pass."""
-        if not self.batch:
-            self._send(self.codec.encode(msg, rid, reply_to), addr)
-            return
+    def _post(self, addr: Addr, framed: bytes) -> None:
         q = self._outq.get(addr)
         if q is None:
             if not self._outq:
-                asyncio.get_running_loop().call_soon(self._flush)
+                self.loop.call_soon(self._flush)
             q = self._outq[addr] = []
-        q.append((msg, rid, reply_to))
+        q.append(framed)
 
     def _flush(self) -> None:
         outq, self._outq = self._outq, {}
-        room = BATCH_MAX - HEADER.size - MAC_LEN
-        for addr, items in outq.items():
-            if len(items) == 1:
-                self._send(self.codec.encode(*items[0]), addr)
+        for addr, framed in outq.items():
+            if len(framed) == 1:
+                self._send(self.codec.pack(framed), addr)
                 continue
-            run: list[tuple[Message, int, int]] = []
-            framed: list[bytes] = []
+            run: list[bytes] = []
             size = 0
-            for it in items:
-                b = batch_item(*it)
-                if run and size + len(b) > room:
-                    self._send_run(run, framed, addr)
-                    run, framed, size = [], [], 0
-                run.append(it)
-                framed.append(b)
+            for b in framed:
+                if run and size + len(b) > _ROOM - 3:
+                    self._send_run(run, addr)
+                    run, size = [], 0
+                run.append(b)
                 size += len(b)
-            self._send_run(run, framed, addr)
+            self._send_run(run, addr)
 
-    def _send_run(self, run: list, framed: list[bytes], addr: Addr) -> None:
-        if len(run) == 1:  # alone (or too big to share a datagram): a plain datagram
-            self._send(self.codec.encode(*run[0]), addr)
-        else:
+    def _send_run(self, run: list[bytes], addr: Addr) -> None:
+        if len(run) > 1:
             self.stats["batches"] += 1
-            self._send(self.codec.encode_batch(framed), addr)
+        self._send(self.codec.pack(run), addr)
 
+    # requests ------------------------------------------------------------------------
     async def request(
         self,
         addr: Addr,
@@ -879,7 +715,7 @@ class Endpoint:
     ) -> Message:
         """Send until a reply arrives (rto doubling up to max_rto); TimeoutError after
         ``timeout`` seconds.  The reply is the answering Message."""
-        fut = asyncio.get_running_loop().create_future()
+        fut = self.loop.create_future()
 
         def done(rep: Message | None, exc: BaseException | None) -> None:
             if fut.done():
@@ -895,7 +731,7 @@ class Endpoint:
         try:
             return await fut
         finally:
-            call.cancel()  # no-op once answered; stops the timer if we were cancelled
+            call.cancel()  # no-op once answered; stops the retransmissions if we were cancelled
 
     def call(
         self,
@@ -908,85 +744,103 @@ class Endpoint:
     ) -> _Call:
         """``request`` without a task: ``done(reply, None)`` when the reply arrives, or
         ``done(None, TimeoutError)`` after ``timeout``, or ``done(None, CancelledError)``
-        if the call is cancelled or the endpoint closed -- exactly one of them."""
+        if the call is cancelled or the endpoint closed -- exactly one of them.  A
+        message too large for a datagram raises ValueError here."""
         self._rid += 1
         c = _Call(self, addr, msg, self._rid, done, timeout, first_rto, max_rto)
         self._pending[c.rid] = c
         c.fire()
         return c
 
+    def _wake_at(self, t: float, call: _Call) -> None:
+        tick = int(t / TICK) + 1
+        slot = self._wheel.get(tick)
+        if slot is None:
+            handle = self.loop.call_at(tick * TICK, self._on_tick, tick)
+            self._wheel[tick] = (handle, [call])
+        else:
+            slot[1].append(call)
+
+    def _on_tick(self, tick: int) -> None:
+        for c in self._wheel.pop(tick)[1]:
+            c.fire()  # no-op for the answered ones
+
     def _rtt_sample(self, r: float) -> None:
         self.rttvar += 0.25 * (abs(self.srtt - r) - self.rttvar)
         self.srtt += 0.125 * (r - self.srtt)
 
+    # receiving -----------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr) -> None:
         try:
-            hdr, msg = self.codec.decode(data)
+            sender, items = self.codec.decode(data)
         except WireError:
             return  # counted in codec.dropped
         addr = addr[:2]
-        if msg.kind == "batch":
+        if len(items) > 1:
             self.stats["batches_in"] += 1
-            sender, seq, ts = hdr[0], hdr[1], hdr[2]
-            for rid, reply_to, m in msg.f["items"]:
-                self._dispatch(Header(sender, seq, ts, rid, reply_to), m, addr)
-            return
-        self._dispatch(hdr, msg, addr)
+        for rid, reply_to, msg in items:
+            self._dispatch(sender, rid, reply_to, msg, addr)
 
-    def _dispatch(self, hdr: Header, msg: Message, addr: Addr) -> None:
-        if hdr.reply_to:
-            fut = self._pending.get(hdr.reply_to)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            elif msg.kind == "frag":
+    def _dispatch(self, sender: int, rid: int, reply_to: int, msg: Message, addr: Addr) -> None:
+        if reply_to:
+            call = self._pending.get(reply_to)
+            if call is not None:
+                call.set_result(msg)
+            elif type(msg) is Frag:
                 self._on_frag(msg)
             return
-        if msg.kind == "fetch":
-            self._serve_fetch(hdr, msg, addr)
+        if type(msg) is Fetch:
+            self._serve_fetch(rid, msg, addr)
             return
-        if hdr.rid:
-            key = (hdr.sender, hdr.rid)
+        if rid:
+            key = (sender, rid)
             cached = self._replies.get(key)
             if cached is not None:
                 self.stats["dup_requests"] += 1
-                if cached[1] is not None:  # same answer, new datagram (else: a replay)
-                    self._post(addr, cached[1], 0, hdr.rid)
+                if cached[1] is not None:  # same answer, new datagram (else: in progress)
+                    self._post(addr, cached[1])
                 return
-            self._expire_replies()
-            self._replies[key] = (time.monotonic(), None)  # in progress
+            now = time.monotonic()
+            if now >= self._next_expiry:
+                self._expire_replies(now)
+            self._replies[key] = (now, None)
         if self.handler is None:
             return
         try:
-            out = self.handler(hdr, msg, addr)
+            out = self.handler(msg, addr)
         except Exception:  # a handler bug must not take the daemon down with it
             self.stats["handler_errors"] += 1
-            self._replies.pop((hdr.sender, hdr.rid), None)
+            self._replies.pop((sender, rid), None)
             return
-        if asyncio.iscoroutine(out):
+        if out is None or isinstance(out, Message):  # (asyncio.iscoroutine is an ABC check)
+            if rid:
+                self._reply(sender, rid, addr, out)
+        else:  # a coroutine: the reply when it completes
             task = asyncio.ensure_future(out)
-            task.add_done_callback(lambda t: self._finish(hdr, addr, t))
-        else:
-            self._reply(hdr, addr, out)
+            task.add_done_callback(lambda t: self._finish(sender, rid, addr, t))
 
-    def _finish(self, hdr: Header, addr: Addr, task: asyncio.Task) -> None:
+    def _finish(self, sender: int, rid: int, addr: Addr, task: asyncio.Task) -> None:
         if task.cancelled():
             return
         if task.exception() is not None:
             self.stats["handler_errors"] += 1
-            self._replies.pop((hdr.sender, hdr.rid), None)
+            self._replies.pop((sender, rid), None)
             return
-        self._reply(hdr, addr, task.result())
+        if rid:
+            self._reply(sender, rid, addr, task.result())
 
-    def _reply(self, hdr: Header, addr: Addr, out: Message | None) -> None:
-        if not hdr.rid:
-            return
-        if out is None:
-            out = Message("ack")
-        self._replies[(hdr.sender, hdr.rid)] = (time.monotonic(), out)
-        self._post(addr, out, 0, hdr.rid)
+    def _reply(self, sender: int, rid: int, addr: Addr, out: Message | None) -> None:
+        try:
+            framed = frame(out if out is not None else Ack(), 0, rid)
+        except ValueError as e:  # the requester gets a reason, not a timeout
+            self.stats["oversized_replies"] += 1
+            framed = frame(Error(str(e)), 0, rid)
+        self._replies[(sender, rid)] = (time.monotonic(), framed)
+        self._post(addr, framed)
 
-    def _expire_replies(self) -> None:
-        cutoff = time.monotonic() - self.reply_ttl
+    def _expire_replies(self, now: float) -> None:
+        self._next_expiry = now + 1.0
+        cutoff = now - self.reply_ttl
         while self._replies:
             key, (t, _) = next(iter(self._replies.items()))
             if t > cutoff:
@@ -994,18 +848,16 @@ class Endpoint:
             del self._replies[key]
 
     # payload transfer: the receiver pulls ranges it lacks (selective repeat)
-    def _serve_fetch(self, hdr: Header, msg: Message, addr: Addr) -> None:
+    def _serve_fetch(self, rid: int, msg: Fetch, addr: Addr) -> None:
         payload = self.payloads.get(msg.digest)
         if payload is None:
-            self._send(
-                self.codec.encode(Message("error", {"reason": "no such payload"}), 0, hdr.rid), addr
-            )
+            self._send(self.codec.encode(Error("no such payload"), 0, rid), addr)
             return
         n = fragment_count(len(payload))
         for i in range(msg.first, min(msg.first + min(msg.count, 256), n)):
-            self._send(self.codec.encode(frag_message(payload, msg.digest, i), 0, hdr.rid), addr)
+            self._send(self.codec.encode(frag_message(payload, msg.digest, i), 0, rid), addr)
 
-    def _on_frag(self, msg: Message) -> None:
+    def _on_frag(self, msg: Frag) -> None:
         entry = self._fetches.get(msg.digest)
         if entry is None:
             return
@@ -1024,11 +876,10 @@ class Endpoint:
         r = Reassembly(dig, size)
         ev = asyncio.Event()
         self._fetches[dig] = (r, ev)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = self.loop.time() + timeout
         try:
             while not r.complete:
-                if loop.time() > deadline:
+                if self.loop.time() > deadline:
                     raise TimeoutError(f"payload from {fmt_addr(addr)}: transfer stalled")
                 miss = r.missing(window)
                 runs: list[list[int]] = []  # contiguous runs of the missing fragments
@@ -1039,8 +890,7 @@ class Endpoint:
                         runs.append([i, 1])
                 for first, count in runs:
                     self._rid += 1
-                    req = Message("fetch", {"digest": dig, "first": first, "count": count})
-                    self._send(self.codec.encode(req, self._rid), addr)
+                    self._send(self.codec.encode(Fetch(dig, first, count), self._rid), addr)
                 target = r.have + len(miss)
                 try:
                     while r.have < target and not r.complete:  # collect while they arrive
@@ -1059,7 +909,6 @@ async def open_endpoint(
     handler=None,
     drop: float = 0.0,
     seed: int | None = None,
-    batch: bool | None = None,
 ) -> Endpoint:
     import socket
 
@@ -1073,7 +922,7 @@ async def open_endpoint(
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUF)
     sock.bind(bind)
     sock.setblocking(False)
-    ep = Endpoint(codec, handler, drop, seed, batch)
+    ep = Endpoint(codec, handler, drop, seed)
     ep.attach(sock)
     return ep
 

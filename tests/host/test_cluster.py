@@ -27,7 +27,6 @@ from tests.cluster_procs import (
 )
 from xxnode import wire
 from xxnode.cluster_client import ClusterClient
-from xxnode.wire import Message
 
 
 @pytest.fixture
@@ -128,21 +127,8 @@ def test_bad_datagrams_dropped_counted_state_unchanged(cluster_factory):
             await c.run("high", {"sleep": 0.0}, timeout=10)
             before = (await c.status("shard"))[0]
             # a valid datagram, to replay, mutate and re-sign with the wrong key
-            good = wire.Codec(cl.key).encode(
-                Message(
-                    "submit",
-                    {
-                        "job": os.urandom(16),
-                        "cls": "high",
-                        "arbiter": "",
-                        "spec": {"sleep": 0},
-                        "size": 0,
-                        "digest": bytes(32),
-                        "inline": b"",
-                    },
-                ),
-                rid=1,
-            )
+            submit = wire.Submit(os.urandom(16), "high", "", {"sleep": 0}, 0, bytes(32), b"")
+            good = wire.Codec(cl.key).encode(submit, rid=1)
             sent = collections.Counter()
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             for dst in (shard_addr, node_addr):
@@ -157,7 +143,7 @@ def test_bad_datagrams_dropped_counted_state_unchanged(cluster_factory):
                         i = rng.randrange(len(good))
                         d = good[:i] + bytes([good[i] ^ (1 << rng.randrange(8))]) + good[i + 1 :]
                     elif kind == "forged":
-                        d = wire.Codec(b"f" * 32).encode(Message("probe"), rid=3)
+                        d = wire.Codec(b"f" * 32).encode(wire.Probe(), rid=3)
                     elif kind == "replay":
                         d = good
                     else:

@@ -40,11 +40,7 @@ KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent r
 class Job:
     id: bytes
     cls: str
-    arbiter: str  # "" = this shard arbitrates claims
-    spec: dict
-    size: int
-    digest: bytes
-    inline: bytes
+    place: wire.Place  # what every placement attempt sends; arbiter "" = this shard
     t_enq: float
     state: str = "queued"  # queued | placing | placed
     node: str | None = None
@@ -110,6 +106,18 @@ class Shard(wire.Service):
         self._probe_quiet_until = 0.0
         self.place_latency: list[float] = []  # seconds, submit ack -> node accepted
         self.record_latency = False
+        self._handlers = {
+            wire.Submit: self._on_submit,
+            wire.Accept: _ignore,  # late ACCEPT for a timed-out PLACE
+            wire.Hello: self._on_hello,
+            wire.IdleJoin: self._on_idle_join,
+            wire.IdleUpdate: self._on_idle_join,
+            wire.IdleLeave: self._on_idle_leave,
+            wire.LenQuery: self._on_len_query,
+            wire.Claim: self._on_claim,
+            wire.Done: self._on_done,
+            wire.Status: self._on_status,
+        }
 
     # lifecycle -------------------------------------------------------------------------
     async def start(self, bind: Addr, codec: wire.Codec, drop: float = 0.0, seed=None) -> Addr:
@@ -118,13 +126,13 @@ class Shard(wire.Service):
         return self.ep.addr
 
     # message handling ------------------------------------------------------------------
-    def handle(self, hdr: wire.Header, msg: Message, addr: Addr):
-        h = getattr(self, "_on_" + msg.kind, None)
+    def handle(self, msg: Message, addr: Addr):
+        h = self._handlers.get(type(msg))
         if h is None:
-            return Message("error", {"reason": f"shard does not take {msg.kind}"})
+            return wire.Error(f"shard does not take {msg.kind}")
         return h(msg, addr)
 
-    def _on_submit(self, m: Message, addr: Addr):
+    def _on_submit(self, m: wire.Submit, addr: Addr):
         if m.job in self.jobs or m.job in self.finished:
             return _ack(m.job, True, "duplicate")
         if self.classes.get(m.cls) is None:
@@ -138,7 +146,7 @@ class Shard(wire.Service):
         self._enqueue(m, addr, m.inline)
         return _ack(m.job, True, "")
 
-    async def _submit_fetch(self, m: Message, addr: Addr) -> Message:
+    async def _submit_fetch(self, m: wire.Submit, addr: Addr) -> Message:
         try:
             payload = await self.ep.fetch(addr, m.digest, m.size)
         except (TimeoutError, wire.WireError) as e:
@@ -147,23 +155,20 @@ class Shard(wire.Service):
             self._enqueue(m, addr, payload)
         return _ack(m.job, True, "")
 
-    def _enqueue(self, m: Message, addr: Addr, payload: bytes) -> None:
+    def _enqueue(self, m: wire.Submit, addr: Addr, payload: bytes) -> None:
         arbiter = wire.fmt_addr(addr) if m.arbiter == "@" else m.arbiter
-        now = self.clock()
-        job = Job(m.job, m.cls, arbiter, m.spec, m.size, m.digest, b"", now)
-        if m.size <= wire.INLINE_MAX:
-            job.inline = payload
-        else:
+        inline = payload if m.size <= wire.INLINE_MAX else b""
+        if not inline:
             self.ep.payloads[m.digest] = payload  # served to the node's FETCH
+        place = wire.Place(m.job, m.cls, arbiter, m.spec, m.size, m.digest, inline)
+        now = self.clock()
+        job = Job(m.job, m.cls, place, now)
         self.jobs[m.job] = job
         self.mq.push(m.job, m.cls, now)
         self.counts["submitted"] += 1
         self._kick()
 
-    def _on_accept(self, m, addr):  # late ACCEPT for a timed-out PLACE: ignore
-        return None
-
-    def _on_hello(self, m: Message, addr: Addr):
+    def _on_hello(self, m: wire.Hello, addr: Addr):
         n = self._node(m.node, addr)
         n.free, n.total, n.jobs = m.free, m.total, m.jobs
         if self.mq and not self.idle:
@@ -178,30 +183,28 @@ class Shard(wire.Service):
         n.addr, n.last_seen = addr, now
         return n
 
-    def _on_idle_join(self, m: Message, addr: Addr):
+    def _on_idle_join(self, m: wire.IdleJoin, addr: Addr):
         n = self._node(m.node, addr)
         n.free, n.total, n.jobs = m.free, m.total, m.jobs
         self.idle.upsert(m.node, m.free, m.jobs)
         self._kick()
-        return Message("len_reply", {"length": len(self.idle)})
+        return wire.LenReply(len(self.idle))
 
-    _on_idle_update = _on_idle_join
-
-    def _on_idle_leave(self, m: Message, addr: Addr):
+    def _on_idle_leave(self, m: wire.IdleLeave, addr: Addr):
         self.idle.remove(m.node)
         return None
 
-    def _on_len_query(self, m: Message, addr: Addr):
-        return Message("len_reply", {"length": len(self.idle)})
+    def _on_len_query(self, m: wire.LenQuery, addr: Addr):
+        return wire.LenReply(len(self.idle))
 
-    def _on_claim(self, m: Message, addr: Addr):
+    def _on_claim(self, m: wire.Claim, addr: Addr):
         """Arbitrate for detached submitters: the first claimer runs the job."""
         if m.job in self.finished:
-            return Message("grant", {"job": m.job, "ok": 0})
+            return wire.Grant(m.job, False)
         holder = self.grants.setdefault(m.job, m.node)
-        return Message("grant", {"job": m.job, "ok": int(holder == m.node)})
+        return wire.Grant(m.job, holder == m.node)
 
-    def _on_done(self, m: Message, addr: Addr):
+    def _on_done(self, m: wire.Done, addr: Addr):
         job = self.jobs.get(m.job)
         if job is None:
             return None  # already finished (a retransmitted DONE)
@@ -217,7 +220,7 @@ class Shard(wire.Service):
         self._finish(job, m.status)
         return None
 
-    def _on_status(self, m: Message, addr: Addr):
+    def _on_status(self, m: wire.Status, addr: Addr):
         now = self.clock()
         if m.what == "idle":
             data = {
@@ -255,7 +258,7 @@ class Shard(wire.Service):
                 "dropped": dict(self.ep.codec.dropped),
                 "transport": dict(self.ep.stats),
             }
-        return Message("status_reply", {"data": data})
+        return wire.StatusReply(data)
 
     # placement -------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -320,9 +323,7 @@ class Shard(wire.Service):
         picked = [cands[i] for i in probe.sample(len(cands), self.p.probe_k, self.rng)]
         replies = await asyncio.gather(
             *(
-                self.ep.request(
-                    n.addr, Message("probe"), timeout=self.p.probe_timeout, first_rto=0.1
-                )
+                self.ep.request(n.addr, wire.Probe(), timeout=self.p.probe_timeout, first_rto=0.1)
                 for n in picked
             ),
             return_exceptions=True,
@@ -352,21 +353,9 @@ class Shard(wire.Service):
     def _send_place(self, job: Job, n: Node) -> None:
         """PLACE, retransmitted until the node answers; ``_placed`` takes the outcome."""
         job.attempts += 1
-        msg = Message(
-            "place",
-            {
-                "job": job.id,
-                "cls": job.cls,
-                "arbiter": job.arbiter,
-                "spec": job.spec,
-                "size": job.size,
-                "digest": job.digest,
-                "inline": job.inline,
-            },
-        )
         self.ep.call(
             n.addr,
-            msg,
+            job.place,
             lambda rep, exc: self._placed(job, n, rep, exc),
             timeout=self.p.place_timeout,
         )
@@ -382,7 +371,7 @@ class Shard(wire.Service):
                 return  # cancelled: the shard is closing
             if self.jobs.get(job.id) is not job:
                 return  # finished meanwhile (a DONE overtook the ACCEPT)
-            if rep.kind == "accept":
+            if type(rep) is wire.Accept:
                 job.state, job.node = "placed", n.id
                 n.placed.add(job.id)
                 n.jobs += 1
@@ -418,10 +407,13 @@ class Shard(wire.Service):
     def _finish(self, job: Job, status: int) -> None:
         self.jobs.pop(job.id, None)
         self.grants.pop(job.id, None)
-        if job.size > wire.INLINE_MAX and not any(
-            j.digest == job.digest for j in self.jobs.values() if j.size > wire.INLINE_MAX
+        dig = job.place.digest
+        if (
+            not job.place.inline
+            and job.place.size
+            and not any(j.place.digest == dig for j in self.jobs.values() if not j.place.inline)
         ):
-            self.ep.payloads.pop(job.digest, None)
+            self.ep.payloads.pop(dig, None)
         self.finished[job.id] = status
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
@@ -447,7 +439,7 @@ class Shard(wire.Service):
             job = self.jobs.get(jid)
             if job is None or job.node != n.id:
                 continue
-            if job.arbiter:
+            if job.place.arbiter:
                 self._spawn(self._tell_arbiter(job, n.id))
                 self._requeue(job, None)
             elif self.grants.get(jid) == n.id:
@@ -460,17 +452,21 @@ class Shard(wire.Service):
     async def _tell_arbiter(self, job: Job, node: str) -> None:
         try:
             await self.ep.request(
-                wire.parse_addr(job.arbiter),
-                Message("node_lost", {"job": job.id, "node": node}),
+                wire.parse_addr(job.place.arbiter),
+                wire.NodeLost(job.id, node),
                 timeout=10.0,
             )
         except (TimeoutError, ValueError):
             pass  # the submitter is gone: nobody is waiting for this job's fate
 
 
-def _ack(job: bytes, ok: bool, reason: str) -> Message:
-    return Message("submit_ack", {"job": job, "ok": int(ok), "reason": reason})
+def _ack(job: bytes, ok: bool, reason: str) -> wire.SubmitAck:
+    return wire.SubmitAck(job, ok, reason)
+
+
+def _ignore(m: Message, addr: Addr) -> None:
+    return None
 
 
 def _ok(r) -> bool:
-    return isinstance(r, Message) and r.kind == "probe_reply"
+    return type(r) is wire.ProbeReply
