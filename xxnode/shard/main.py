@@ -18,6 +18,7 @@ line naming the key, exit 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tomllib
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         # uvloop: the event loop in C (libuv).  The shard is one Python thread doing
         # ~10 small loop callbacks per placement; asyncio's pure-Python loop was a fifth
         # of its CPU time per placement (tools/bench_shard).
+        # The collector was the shard's tail latency (p99 12 ms at 1000/s, 2 ms without
+        # it): the startup heap moves out of its reach, and young collections run every
+        # 20 000 net allocations instead of 700.  Nothing in the hot path makes cycles.
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         uvloop.run(serve(bind, key, classes, p))
     except (ConfigError, ValueError, OSError) as e:
         print(f"xxshard: {e}", file=sys.stderr)
