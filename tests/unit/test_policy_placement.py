@@ -2,6 +2,8 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xxnode.policy.dispatcher import (
     JOIN,
@@ -66,6 +68,50 @@ def test_idle_list_shortest_queue_then_free_memory_and_local_count():
     assert il.remove("b") and not il.remove("b")
     assert len(il) == 2 and "b" not in il
     assert il.entry("c") == (8, 3)
+
+
+class _ScanIdleList:
+    """The reference: a scan in listing order (what IdleList did before its heap)."""
+
+    def __init__(self):
+        self.e = {}
+
+    def choose(self):
+        best = None
+        for m, (free, jobs) in self.e.items():
+            if best is None or jobs < best[2] or (jobs == best[2] and free > best[1]):
+                best = (m, free, jobs)
+        return None if best is None else best[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["upsert", "remove", "placed", "choose"]),
+            st.integers(0, 12),  # machine
+            st.integers(0, 4),  # free (coarse, so ties happen)
+            st.integers(0, 3),  # jobs
+        ),
+        max_size=300,
+    )
+)
+def test_idle_list_heap_agrees_with_a_scan(ops):
+    il, ref = IdleList(), _ScanIdleList()
+    for op, m, free, jobs in ops:
+        if op == "upsert":
+            il.upsert(m, free, jobs)
+            ref.e.setdefault(m, [0, 0])[:] = [free, jobs]
+        elif op == "remove":
+            assert il.remove(m) == (ref.e.pop(m, None) is not None)
+        elif op == "placed":
+            il.note_placed(m, free)
+            if m in ref.e:
+                ref.e[m][0] -= free
+                ref.e[m][1] += 1
+        assert il.choose() == ref.choose()
+        assert len(il) == len(ref.e) and il.machines() == list(ref.e)
+        assert len(il._heap) <= 2 * len(il) + 64  # stale entries do not pile up
 
 
 def test_probe_sample_distinct_and_uniform():
