@@ -265,11 +265,11 @@ class Shard(wire.Service):
         """Run a placement pass soon: once per event-loop pass, however many events
         (submits, answers, timers) asked for one.  A callback, not a task woken by an
         Event: PLACEs it sends leave in the same flush as the acks of that pass."""
-        if not self._kicked:
+        if not self._kicked and self.mq:  # nothing queued: nothing a pass could do
             try:
-                asyncio.get_running_loop().call_soon(self._place_pass)
-            except RuntimeError:
-                return  # no loop: the shard is being closed
+                self.ep.loop.call_soon(self._place_pass)
+            except (AttributeError, RuntimeError):
+                return  # no endpoint or no loop: the shard is being closed
             self._kicked = True
 
     def _place_pass(self) -> None:
@@ -343,7 +343,7 @@ class Shard(wire.Service):
         n = self.nodes.get(target) if target is not None else None
         if n is None:  # no probed node answered: pause probing rather than spin
             self._probe_quiet_until = self.clock() + self.p.refuse_backoff
-            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._kick)
+            self.ep.loop.call_later(self.p.refuse_backoff, self._kick)
             self._requeue(job, None)
             self._inflight -= 1
             self._kick()
@@ -393,7 +393,7 @@ class Shard(wire.Service):
         now = self.clock()
         if refusing is not None:
             refusing.skip_until = now + self.p.refuse_backoff
-            asyncio.get_running_loop().call_later(self.p.refuse_backoff, self._kick)
+            self.ep.loop.call_later(self.p.refuse_backoff, self._kick)
         job.state, job.node = "queued", None
         self.mq.push(job.id, job.cls, job.t_enq)
         self.counts["requeued"] += 1
