@@ -216,3 +216,58 @@ def test_refused_placement_stays_queued_then_runs():
     assert res["status"] == 0 and res["node"] == "n0"
     assert refusals == 3 and counts["refused"] == 3 and counts["requeued"] >= 3
     assert counts["placed"] == 1 and counts["done"] == 1
+
+
+@pytest.mark.parametrize("arbiter", ["client", "shard"])
+def test_a_node_that_took_a_job_silently_then_died_is_reported_node_lost(arbiter):
+    """The PLACE reached the node, which claimed the job (granted) and started it, but no
+    ACCEPT ever reached the shard: the placement timed out and the job went to another
+    node, which was denied it.  When the silent node is declared dead, the job is
+    reported NODE_LOST -- it was not waited on forever, and it did not run twice.
+    (Seen in the VM lane under netem: an ACCEPT lost just before a kill -9.)"""
+    from xxnode.dispatch import Dispatcher, SyntheticExecutor
+    from xxnode.shard.main import default_classes
+    from xxnode.shard.server import Shard, ShardParams
+
+    async def go():
+        key = os.urandom(32)
+        loop = asyncio.get_running_loop()
+        shard = Shard(default_classes(), ShardParams(dead_after=1.5, place_timeout=0.3))
+        addr = await shard.start(("127.0.0.1", 0), wire.Codec(key))
+        places: asyncio.Queue = asyncio.Queue()
+
+        def silent(msg, a):  # takes every PLACE and never answers it
+            if type(msg) is wire.Place:
+                places.put_nowait(msg)
+            return loop.create_future()  # a reply that never comes
+
+        node = await wire.open_endpoint(("127.0.0.1", 0), wire.Codec(key), silent)
+        ex = SyntheticExecutor()
+        honest = Dispatcher("honest", [addr], ex, heartbeat_s=0.1)
+        try:
+            await node.request(addr, wire.IdleJoin("silent", 64 << 30, 64 << 30, 0))
+            async with ClusterClient([addr], key) as c:
+                jid = await c.submit("high", {"sleep": 0}, wait=arbiter == "client")
+                place = await asyncio.wait_for(places.get(), 5)
+                judge = wire.parse_addr(place.arbiter) if place.arbiter else addr
+                grant = await node.request(judge, wire.Claim(jid, "silent"))
+                await honest.start(("127.0.0.1", 0), wire.Codec(key))  # takes the retry
+                if arbiter == "client":
+                    res = await c.result(jid, timeout=15)
+                else:
+                    deadline = loop.time() + 15
+                    while shard.counts["done"] + shard.counts["nodes_lost"] < 2:
+                        assert loop.time() < deadline, f"job never reported: {shard.counts}"
+                        await asyncio.sleep(0.05)  # no event to wait on in-process
+                    res = {"status": shard.finished.get(jid), "node": "silent"}
+            return grant, res, dict(shard.counts), dict(honest.counts)
+        finally:
+            honest.close()
+            node.close()
+            shard.close()
+
+    grant, res, counts, ran = asyncio.run(go())
+    assert grant.ok
+    assert res["status"] == wire.NODE_LOST and res["node"] == "silent"
+    assert counts["place_timeouts"] >= 1 and counts["nodes_lost"] == 1
+    assert ran["denied"] == 1 and ran["ran"] == 0  # the retry ran nothing

@@ -34,6 +34,7 @@ from xxnode.wire import Addr, Message
 
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
+KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see Node.unsure)
 
 
 @dataclass(slots=True)
@@ -56,6 +57,10 @@ class Node:
     total: int = 0
     jobs: int = 0
     placed: set = field(default_factory=set)  # unfinished job ids placed here
+    # job id -> arbiter, for PLACEs here that timed out: the node may have taken the job
+    # all the same (its ACCEPT lost), claimed it and be running it; if the node dies,
+    # the arbiter is told, and decides by its grant whether the job had started here
+    unsure: dict = field(default_factory=dict)
     skip_until: float = 0.0
 
 
@@ -205,14 +210,23 @@ class Shard(wire.Service):
         return wire.Grant(m.job, holder == m.node)
 
     def _on_done(self, m: wire.Done, addr: Addr):
+        reporter = self.nodes.get(m.node)
+        if reporter is not None:
+            reporter.unsure.pop(m.job, None)  # it has said what became of the job
         job = self.jobs.get(m.job)
         if job is None:
             return None  # already finished (a retransmitted DONE)
         if m.status == wire.DENIED:
             if job.node == m.node:  # that placement ran nothing; the job lives elsewhere
                 self._unplace(job)
-                self._finish(job, m.status)
                 self.counts["denied"] += 1
+                holder = self.grants.get(m.job)
+                if not job.place.arbiter and holder is not None and holder in self.nodes:
+                    # we granted it to a node whose ACCEPT we never saw: it runs there
+                    job.state, job.node = "placed", holder
+                    self.nodes[holder].placed.add(job.id)
+                else:  # the arbiter knows where it runs; its node reports to it
+                    self._finish(job, m.status)
             return None
         if job.state == "placing":  # this DONE overtook the node's ACCEPT
             self.counts["placed"] += 1
@@ -365,7 +379,14 @@ class Shard(wire.Service):
             if isinstance(exc, TimeoutError):
                 self.counts["place_timeouts"] += 1
                 self.idle.remove(n.id)
-                self._requeue(job, n)
+                if self.nodes.get(n.id) is n:
+                    n.unsure[job.id] = job.place.arbiter
+                    if len(n.unsure) > KEEP_UNSURE:
+                        del n.unsure[next(iter(n.unsure))]
+                    self._requeue(job, n)
+                else:  # declared dead while we waited for its answer
+                    self._requeue(job, None)
+                    self._lost_unsure(job.id, job.place.arbiter, n.id)
                 return
             if exc is not None:
                 return  # cancelled: the shard is closing
@@ -440,22 +461,32 @@ class Shard(wire.Service):
             if job is None or job.node != n.id:
                 continue
             if job.place.arbiter:
-                self._spawn(self._tell_arbiter(job, n.id))
+                self._spawn(self._tell_arbiter(jid, job.place.arbiter, n.id))
                 self._requeue(job, None)
             elif self.grants.get(jid) == n.id:
                 self._finish(job, wire.NODE_LOST)
             else:
                 self.grants.pop(jid, None)
                 self._requeue(job, None)
+        for jid, arbiter in n.unsure.items():
+            if jid not in n.placed:
+                self._lost_unsure(jid, arbiter, n.id)
         self._kick()
 
-    async def _tell_arbiter(self, job: Job, node: str) -> None:
+    def _lost_unsure(self, jid: bytes, arbiter: str, node: str) -> None:
+        """A job the dead ``node`` may have taken without our seeing its ACCEPT: whoever
+        granted it decides -- NODE_LOST if it had been granted there, else nothing."""
+        if arbiter:
+            self._spawn(self._tell_arbiter(jid, arbiter, node))
+        elif self.grants.get(jid) == node and (job := self.jobs.get(jid)) is not None:
+            self._unplace(job)
+            self._finish(job, wire.NODE_LOST)
+
+    async def _tell_arbiter(self, jid: bytes, arbiter: str, node: str) -> None:
+        """NODE_LOST to the job's arbiter, which reports the job failed if it had granted
+        it to that node, and otherwise ignores it."""
         try:
-            await self.ep.request(
-                wire.parse_addr(job.place.arbiter),
-                wire.NodeLost(job.id, node),
-                timeout=10.0,
-            )
+            await self.ep.request(wire.parse_addr(arbiter), wire.NodeLost(jid, node), timeout=10.0)
         except (TimeoutError, ValueError):
             pass  # the submitter is gone: nobody is waiting for this job's fate
 
