@@ -221,10 +221,7 @@ class ClusterClient:
 
         async def one(a: Addr) -> dict:
             try:
-                rep = await self.ep.request(a, wire.Status(what), timeout=timeout)
-                if type(rep) is not wire.StatusReply:
-                    return {"addr": wire.fmt_addr(a), "error": getattr(rep, "reason", rep.kind)}
-                return {"addr": wire.fmt_addr(a), **rep.data}
+                return {"addr": wire.fmt_addr(a), **await self._status_of(a, what, timeout)}
             except TimeoutError:
                 return {
                     "addr": wire.fmt_addr(a),
@@ -232,6 +229,23 @@ class ClusterClient:
                 }
 
         return list(await asyncio.gather(*(one(a) for a in self.shards)))
+
+    async def _status_of(self, a: Addr, what: str, timeout: float) -> dict:
+        """One shard's STATUS; a list (idle, nodes) comes page by page, joined here."""
+        rows: list = []
+        start = 0
+        while True:
+            rep = await self.ep.request(a, wire.Status(what, start), timeout=timeout)
+            if type(rep) is not wire.StatusReply:
+                return {"error": getattr(rep, "reason", rep.kind)}
+            page = rep.data.get(what)
+            if not isinstance(page, list):
+                return rep.data  # the summary: one reply
+            rows += page
+            nxt = rep.data.get("next")
+            if not isinstance(nxt, int) or nxt <= start:  # the last page (or a bad "next")
+                return {**rep.data, what: rows}
+            start = nxt
 
 
 def key_from_env(path: str | None = None) -> bytes:

@@ -235,6 +235,7 @@ class Grant(Message, tag=19):
 
 class Status(Message, tag=20):
     what: Name
+    start: U32 = 0  # lists come in pages that fit a datagram: the first row wanted
 
 
 class StatusReply(Message, tag=21):

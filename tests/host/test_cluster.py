@@ -271,3 +271,38 @@ def test_a_node_that_took_a_job_silently_then_died_is_reported_node_lost(arbiter
     assert res["status"] == wire.NODE_LOST and res["node"] == "silent"
     assert counts["place_timeouts"] >= 1 and counts["nodes_lost"] == 1
     assert ran["denied"] == 1 and ran["ran"] == 0  # the retry ran nothing
+
+
+def test_idle_and_nodes_lists_longer_than_a_datagram_come_whole():
+    """300 nodes do not fit one STATUS reply (9 KB): the shard pages its lists and the
+    client joins the pages, so `xxctl nodes` works on a real fleet."""
+    from xxnode.shard.main import default_classes
+    from xxnode.shard.server import STATUS_PAGE, Shard
+
+    n_nodes = 300
+
+    async def go():
+        key = os.urandom(32)
+        shard = Shard(default_classes())
+        addr = await shard.start(("127.0.0.1", 0), wire.Codec(key))
+        fleet = await wire.open_endpoint(("127.0.0.1", 0), wire.Codec(key))
+        try:
+            await asyncio.gather(
+                *(
+                    fleet.request(addr, wire.IdleJoin(f"node-{i:04d}", 8 << 30, 16 << 30, i % 5))
+                    for i in range(n_nodes)
+                )
+            )
+            async with ClusterClient([addr], key) as c:
+                return await c.status("nodes"), await c.status("idle"), await c.status()
+        finally:
+            fleet.close()
+            shard.close()
+
+    (nodes,), (idle,), (summary,) = asyncio.run(go())
+    assert n_nodes > 2 * STATUS_PAGE  # several pages, and one reply would not fit
+    assert [r["node"] for r in nodes["nodes"]] == [f"node-{i:04d}" for i in range(n_nodes)]
+    assert sorted(r["node"] for r in idle["idle"]) == [f"node-{i:04d}" for i in range(n_nodes)]
+    assert summary["nodes"] == summary["idle"] == n_nodes
+    with pytest.raises(ValueError):  # what paging avoids: the whole list in one reply
+        wire.check(wire.StatusReply({"nodes": nodes["nodes"]}))

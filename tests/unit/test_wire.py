@@ -41,6 +41,7 @@ _SAMPLE = {
     "index": 7,
     "data": b"x" * 1200,
     "what": "nodes",
+    "start": 40,
 }
 
 
@@ -70,6 +71,13 @@ def test_round_trip_every_type(cls):
 def test_type_codes_unique_and_named():
     assert len(wire.TYPES) == len(wire.MESSAGES)
     assert wire.SubmitAck.kind == "submit_ack" and wire.Place.kind == "place"
+
+
+def test_a_trailing_field_with_a_default_may_be_left_out():
+    """STATUS grew ``start``: a STATUS without it (the first page) still decodes."""
+    tx, rx = Codec(KEY), Codec(KEY)
+    old = _seal_raw(tx, msgspec.msgpack.encode([[1, 0, [20, "nodes"]]]))
+    assert rx.decode(old)[1] == [(1, 0, wire.Status("nodes", 0))]
 
 
 def test_several_messages_share_one_datagram():

@@ -34,6 +34,7 @@ from xxnode.wire import Addr, Message
 
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
+STATUS_PAGE = 40  # rows per STATUS reply: ~5 KB, well inside a datagram
 KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see Node.unsure)
 
 
@@ -235,44 +236,46 @@ class Shard(wire.Service):
         return None
 
     def _on_status(self, m: wire.Status, addr: Addr):
-        now = self.clock()
-        if m.what == "idle":
-            data = {
-                "idle": [
-                    {"node": nid, "free": e[0], "jobs": e[1]}
-                    for nid in list(self.nodes)
-                    + [x for x in self.idle.machines() if x not in self.nodes]
-                    if (e := self.idle.entry(nid)) is not None
-                ]
-            }
-        elif m.what == "nodes":
-            data = {
-                "nodes": [
-                    {
-                        "node": n.id,
-                        "addr": wire.fmt_addr(n.addr),
-                        "age": round(now - n.last_seen, 3),
-                        "free": n.free,
-                        "total": n.total,
-                        "jobs": n.jobs,
-                        "placed": len(n.placed),
-                        "idle": n.id in self.idle,
-                    }
-                    for n in self.nodes.values()
-                ]
-            }
-        else:
-            data = {
-                "addr": wire.fmt_addr(self.ep.addr),
-                "queued": self.mq.by_class(),
-                "jobs": len(self.jobs),
-                "idle": len(self.idle),
-                "nodes": len(self.nodes),
-                "counts": self.counts,
-                "dropped": dict(self.ep.codec.dropped),
-                "transport": dict(self.ep.stats),
-            }
+        if m.what in ("idle", "nodes"):
+            rows = self._idle_rows() if m.what == "idle" else self._node_rows()
+            page = rows[m.start : m.start + STATUS_PAGE]
+            more = m.start + STATUS_PAGE < len(rows)
+            return wire.StatusReply({m.what: page, "next": m.start + STATUS_PAGE if more else None})
+        data = {
+            "addr": wire.fmt_addr(self.ep.addr),
+            "queued": self.mq.by_class(),
+            "jobs": len(self.jobs),
+            "idle": len(self.idle),
+            "nodes": len(self.nodes),
+            "counts": self.counts,
+            "dropped": dict(self.ep.codec.dropped),
+            "transport": dict(self.ep.stats),
+        }
         return wire.StatusReply(data)
+
+    def _idle_rows(self) -> list[dict]:
+        listed = list(self.nodes) + [x for x in self.idle.machines() if x not in self.nodes]
+        return [
+            {"node": nid, "free": e[0], "jobs": e[1]}
+            for nid in listed
+            if (e := self.idle.entry(nid)) is not None
+        ]
+
+    def _node_rows(self) -> list[dict]:
+        now = self.clock()
+        return [
+            {
+                "node": n.id,
+                "addr": wire.fmt_addr(n.addr),
+                "age": round(now - n.last_seen, 3),
+                "free": n.free,
+                "total": n.total,
+                "jobs": n.jobs,
+                "placed": len(n.placed),
+                "idle": n.id in self.idle,
+            }
+            for n in self.nodes.values()
+        ]
 
     # placement -------------------------------------------------------------------------
     def _kick(self) -> None:
