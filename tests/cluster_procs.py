@@ -74,6 +74,7 @@ class Cluster:
         where: Callable[[str, int], object] | None = None,
         start_timeout: float = 60.0,
         shard_port: int = 0,
+        shard_state: bool = False,
     ):
         self.tmp = Path(tmp_path)
         self.key_file = self.tmp / "cluster.key"
@@ -83,6 +84,7 @@ class Cluster:
         self.drop = drop
         self.where = where or (lambda role, i: LOOPBACK)
         self.start_timeout = start_timeout
+        self.shard_state = shard_state  # each shard journals to tmp/shardI.state
         try:
             if shard_port:  # addresses known up front: every process starts at once
                 self.shard_addrs = [
@@ -114,6 +116,8 @@ class Cluster:
         if role == "shard":
             argv = ["-m", "xxnode.shard.main", "--listen", f"{ip}:{port}"]
             argv += ["--key-file", str(self.key_file)]
+            if self.shard_state:
+                argv += ["--state-dir", str(self.tmp / f"shard{i}.state")]
             return argv, None
         rec = self.tmp / f"node{i}.ran"
         argv = ["-m", "xxnode.dispatch", "--listen", f"{ip}:0"]
@@ -123,20 +127,26 @@ class Cluster:
         return argv, rec
 
     def _spawn_all(self, role: str, n: int, port: int = 0) -> list[tuple]:
-        started = []
-        for i in range(n):
-            host = self.where(role, i)
-            argv, rec = self._argv(role, i, host.ip, port)
-            p = host.popen(
-                [sys.executable, *argv],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=self._env((100 if role == "shard" else 200) + i),
-            )
-            self.procs.append(p)
-            started.append((p, rec))
-        return started
+        return [self._spawn(role, i, port) for i in range(n)]
+
+    def _spawn(self, role: str, i: int, port: int = 0) -> tuple:
+        host = self.where(role, i)
+        argv, rec = self._argv(role, i, host.ip, port)
+        p = host.popen(
+            [sys.executable, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self._env((100 if role == "shard" else 200) + i),
+        )
+        self.procs.append(p)
+        return p, rec
+
+    def restart_shard(self, i: int) -> None:
+        """Start shard ``i`` again where it was (same address, same state dir)."""
+        p, _ = self._spawn("shard", i, self.shard_addrs[i][1])
+        assert self._listening(p) == self.shard_addrs[i]
+        self.shards[i] = (p, self.shard_addrs[i])
 
     def _await_listening(self, started: list[tuple]) -> list[Proc]:
         return [Proc(p, self._listening(p), rec) for p, rec in started]

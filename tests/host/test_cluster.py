@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import time
 
 import pytest
 
@@ -306,3 +307,43 @@ def test_idle_and_nodes_lists_longer_than_a_datagram_come_whole():
     assert summary["nodes"] == summary["idle"] == n_nodes
     with pytest.raises(ValueError):  # what paging avoids: the whole list in one reply
         wire.check(wire.StatusReply({"nodes": nodes["nodes"]}))
+
+
+def test_detached_jobs_survive_kill_9_of_their_shard(cluster_factory):
+    """With a state dir a shard answers only what is on disk: 300 detached jobs (their
+    submitter gone once acked), the only shard killed -9 mid-run and restarted on the
+    same address and state -- every job runs, exactly once, and the shard ends with
+    nothing unfinished."""
+    cl = cluster_factory(n_shards=1, n_nodes=3, shard_state=True)
+    n = 300
+    rng = random.Random(21)
+
+    async def submit() -> list[bytes]:
+        async with ClusterClient(cl.shard_addrs, cl.key) as c:
+            await wait_registered(c, 3)
+            specs = [(rng.choice(("high", "medium", "low")), {"sleep": 0.2}) for _ in range(n)]
+            return await asyncio.gather(*(c.submit(k, s, wait=False) for k, s in specs))
+
+    async def settle(timeout: float = 90.0) -> dict:
+        async with ClusterClient(cl.shard_addrs, cl.key) as c:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                (row,) = await c.status()
+                if row.get("jobs") == 0 and sum(cl.executions().values()) >= n:
+                    return row
+                assert loop.time() < deadline, (row, len(cl.executions()))
+                await asyncio.sleep(0.1)  # processes' files and counters: no event
+
+    ids = asyncio.run(submit())
+    while sum(cl.executions().values()) < 40:  # some ran, some run, most wait
+        time.sleep(0.02)
+    shard = cl.shards[0][0]
+    shard.kill()
+    assert shard.wait() == -signal.SIGKILL
+    cl.restart_shard(0)
+    row = asyncio.run(settle())
+    ran = cl.executions()
+    assert sorted(ran) == sorted(j.hex() for j in ids)
+    assert set(ran.values()) == {1}, [j for j, k in ran.items() if k > 1]
+    assert row["counts"]["recovered"] > 0

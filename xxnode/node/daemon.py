@@ -24,11 +24,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 from xxnode.config import NodeConfig
+from xxnode.journal import Journal
 from xxnode.kernel import clone3, rt_group, sched
 from xxnode.kernel.cgroup import Cgroup, CgroupError, find_cgroup2_mount, own_cgroup
 from xxnode.kernel.cgroup_watch import PopulatedWatcher
 from xxnode.node import jobs as J
-from xxnode.node.journal import Journal
 from xxnode.node.memory import JobRef, MemoryManager
 from xxnode.policy.node_queue import NodeQueue
 

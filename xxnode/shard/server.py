@@ -30,6 +30,7 @@ from xxnode.classes import ClassTable
 from xxnode.policy import probe
 from xxnode.policy.idle_list import IdleList
 from xxnode.policy.multiqueue import MultiQueue
+from xxnode.shard.store import ShardStore
 from xxnode.wire import Addr, Message
 
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
@@ -82,8 +83,12 @@ class Shard(wire.Service):
         params: ShardParams | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        store: ShardStore | None = None,
     ) -> None:
         self.classes = classes
+        self.store = store  # None: state in memory only (a restart forgets it)
+        # job id -> its last journal write not yet on disk: answers about the job wait
+        self._unsynced: dict[bytes, asyncio.Future] = {}
         self.p = params or ShardParams()
         self.clock = clock
         self.rng = random.Random(seed)
@@ -103,6 +108,7 @@ class Shard(wire.Service):
                 "denied",
                 "requeued",
                 "nodes_lost",
+                "recovered",
             ),
             0,
         )
@@ -128,8 +134,46 @@ class Shard(wire.Service):
     # lifecycle -------------------------------------------------------------------------
     async def start(self, bind: Addr, codec: wire.Codec, drop: float = 0.0, seed=None) -> Addr:
         self.ep = await wire.open_endpoint(bind, codec, self.handle, drop, seed)
+        if self.store is not None:
+            self._recover()
         self._spawn(self._monitor())
         return self.ep.addr
+
+    def close(self) -> None:
+        super().close()
+        if self.store is not None:
+            self.store.close()
+
+    def _recover(self) -> None:
+        """The journal's unfinished jobs back in place: a granted one is where it was
+        granted (its node's DONE, retransmitted across our restart, or the node's death
+        settles it); the others queue again with their original classes."""
+        r = self.store.recovered
+        self.finished.update(r.finished)
+        now = self.clock()
+        for jid, rec in r.jobs.items():
+            dig, inline = bytes.fromhex(rec["digest"]), bytes.fromhex(rec["inline"])
+            size = int(rec["size"])
+            place = wire.Place(jid, rec["cls"], rec["arbiter"], rec["spec"], size, dig, inline)
+            if size > len(inline):
+                self.ep.payloads[dig] = self.store.payload(dig)
+            job = self.jobs[jid] = Job(jid, rec["cls"], place, now)
+            holder = r.grants.get(jid)
+            if holder:
+                self.grants[jid] = holder
+                n = self.nodes.get(holder)
+                if n is None:  # where it is comes with its HELLO; silence makes it dead
+                    n = self.nodes[holder] = Node(holder, ("0.0.0.0", 0), now)
+                    n.skip_until = now + self.p.dead_after  # nothing to probe there yet
+                job.state, job.node = "placed", holder
+                n.placed.add(jid)
+                n.jobs += 1
+            elif self.classes.get(job.cls) is None:  # the config lost its class
+                self._finish(job, wire.FAILED_START)
+            else:
+                self.mq.push(jid, job.cls, now)
+            self.counts["recovered"] += 1
+        self._kick()
 
     # message handling ------------------------------------------------------------------
     def handle(self, msg: Message, addr: Addr):
@@ -149,30 +193,50 @@ class Shard(wire.Service):
             return self._submit_fetch(m, addr)
         if len(m.inline) != m.size or (m.size and wire.digest(m.inline) != m.digest):
             return _ack(m.job, False, "inline input does not match its size/digest")
-        self._enqueue(m, addr, m.inline)
-        return _ack(m.job, True, "")
+        return self._admit(m, addr, m.inline)
 
     async def _submit_fetch(self, m: wire.Submit, addr: Addr) -> Message:
         try:
             payload = await self.ep.fetch(addr, m.digest, m.size)
         except (TimeoutError, wire.WireError) as e:
             return _ack(m.job, False, f"input transfer failed: {e}")
-        if m.job not in self.jobs:
-            self._enqueue(m, addr, payload)
-        return _ack(m.job, True, "")
+        out = self._admit(m, addr, payload)
+        return out if isinstance(out, Message) else await out
 
-    def _enqueue(self, m: wire.Submit, addr: Addr, payload: bytes) -> None:
+    def _admit(self, m: wire.Submit, addr: Addr, payload: bytes):
+        """Queue the job and acknowledge it -- with a store, only once it is on disk."""
         arbiter = wire.fmt_addr(addr) if m.arbiter == "@" else m.arbiter
         inline = payload if m.size <= wire.INLINE_MAX else b""
-        if not inline:
-            self.ep.payloads[m.digest] = payload  # served to the node's FETCH
         place = wire.Place(m.job, m.cls, arbiter, m.spec, m.size, m.digest, inline)
-        now = self.clock()
-        job = Job(m.job, m.cls, place, now)
-        self.jobs[m.job] = job
-        self.mq.push(m.job, m.cls, now)
+        job = Job(m.job, m.cls, place, self.clock())
+        if self.store is None:
+            self._enqueue(job, payload)
+            return _ack(m.job, True, "")
+        return self._admit_durable(job, payload)
+
+    async def _admit_durable(self, job: Job, payload: bytes) -> Message:
+        await self.store.submitted(job, payload)
+        if job.id not in self.jobs and job.id not in self.finished:
+            self._enqueue(job, payload)
+        return _ack(job.id, True, "")
+
+    def _enqueue(self, job: Job, payload: bytes) -> None:
+        if job.place.size > wire.INLINE_MAX:
+            self.ep.payloads[job.place.digest] = payload  # served to the node's FETCH
+        self.jobs[job.id] = job
+        self.mq.push(job.id, job.cls, job.t_enq)
         self.counts["submitted"] += 1
         self._kick()
+
+    def _written(self, jid: bytes, fut: asyncio.Future) -> None:
+        """Note a journal write about ``jid``; answers about the job wait for it."""
+        self._unsynced[jid] = fut
+
+        def synced(f: asyncio.Future) -> None:
+            if self._unsynced.get(jid) is f:
+                del self._unsynced[jid]
+
+        fut.add_done_callback(synced)
 
     def _on_hello(self, m: wire.Hello, addr: Addr):
         n = self._node(m.node, addr)
@@ -207,16 +271,20 @@ class Shard(wire.Service):
         """Arbitrate for detached submitters: the first claimer runs the job."""
         if m.job in self.finished:
             return wire.Grant(m.job, False)
+        new = m.job not in self.grants
         holder = self.grants.setdefault(m.job, m.node)
-        return wire.Grant(m.job, holder == m.node)
+        grant = wire.Grant(m.job, holder == m.node)
+        if new and self.store is not None:  # the node runs it only once this is on disk
+            self._written(m.job, self.store.granted(m.job, m.node))
+        return _when(self._unsynced.get(m.job), grant)
 
     def _on_done(self, m: wire.Done, addr: Addr):
         reporter = self.nodes.get(m.node)
         if reporter is not None:
             reporter.unsure.pop(m.job, None)  # it has said what became of the job
         job = self.jobs.get(m.job)
-        if job is None:
-            return None  # already finished (a retransmitted DONE)
+        if job is None:  # already finished (a retransmitted DONE): ack once it is on disk
+            return _when(self._unsynced.get(m.job), None)
         if m.status == wire.DENIED:
             if job.node == m.node:  # that placement ran nothing; the job lives elsewhere
                 self._unplace(job)
@@ -228,12 +296,12 @@ class Shard(wire.Service):
                     self.nodes[holder].placed.add(job.id)
                 else:  # the arbiter knows where it runs; its node reports to it
                     self._finish(job, m.status)
-            return None
+            return _when(self._unsynced.get(m.job), None)
         if job.state == "placing":  # this DONE overtook the node's ACCEPT
             self.counts["placed"] += 1
         self._unplace(job)
         self._finish(job, m.status)
-        return None
+        return _when(self._unsynced.get(m.job), None)
 
     def _on_status(self, m: wire.Status, addr: Addr):
         if m.what in ("idle", "nodes"):
@@ -432,12 +500,15 @@ class Shard(wire.Service):
         self.jobs.pop(job.id, None)
         self.grants.pop(job.id, None)
         dig = job.place.digest
-        if (
+        unshared = (
             not job.place.inline
             and job.place.size
             and not any(j.place.digest == dig for j in self.jobs.values() if not j.place.inline)
-        ):
+        )
+        if unshared:
             self.ep.payloads.pop(dig, None)
+        if self.store is not None:
+            self._written(job.id, self.store.finished(job.id, status, dig if unshared else None))
         self.finished[job.id] = status
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
@@ -500,6 +571,18 @@ def _ack(job: bytes, ok: bool, reason: str) -> wire.SubmitAck:
 
 def _ignore(m: Message, addr: Addr) -> None:
     return None
+
+
+def _when(fut: asyncio.Future | None, reply: Message | None):
+    """``reply`` now, or -- a journal write pending -- once that write is on disk."""
+    if fut is None:
+        return reply
+
+    async def after() -> Message | None:
+        await fut
+        return reply
+
+    return after()
 
 
 def _ok(r) -> bool:

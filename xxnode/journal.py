@@ -1,11 +1,13 @@
-"""The node's durable journal: one JSON object per line, appended, never rewritten.
+"""A durable journal: one JSON object per line, appended, never rewritten.
 
-Records ("ev"):
+Every record has "ev" (what happened) and "job".  The node daemon's records
+(xxnode/node/daemon.py):
   accepted  {job, t, class, spec}            fsync'd before the client hears "accepted"
   started   {job, t, pid, shim_pid}          not fsync'd: the state dir's shim file decides
   kill      {job, t, reason}                 fsync'd before cgroup.kill, so the reason survives
   finished  {job, t, result}                 fsync'd; billing reads these (result has class,
                                              cpu_ms, price and charge)
+The shard's are in xxnode/shard/store.py.
 A torn last line (crash mid-write) is skipped on replay and the next append starts a new line.
 """
 
@@ -32,9 +34,17 @@ class Journal:
                     os.write(self._fd, b"\n")  # seal a torn record
 
     def append(self, rec: dict, sync: bool = False) -> None:
-        os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self.append_raw(self.encode(rec), sync)
+
+    def append_raw(self, lines: bytes, sync: bool = False) -> None:
+        """Records already encoded (a group of them: one write, one sync)."""
+        os.write(self._fd, lines)
         if sync:
             os.fdatasync(self._fd)
+
+    @staticmethod
+    def encode(rec: dict) -> bytes:
+        return (json.dumps(rec, separators=(",", ":")) + "\n").encode()
 
     def close(self) -> None:
         os.close(self._fd)
