@@ -47,7 +47,6 @@ class Job:
     t_enq: float
     state: str = "queued"  # queued | placing | placed
     node: str | None = None
-    attempts: int = 0
 
 
 @dataclass(slots=True)
@@ -116,8 +115,6 @@ class Shard(wire.Service):
         self._kicked = False  # a placement pass is scheduled
         self._inflight = 0
         self._probe_quiet_until = 0.0
-        self.place_latency: list[float] = []  # seconds, submit ack -> node accepted
-        self.record_latency = False
         self._handlers = {
             wire.Submit: self._on_submit,
             wire.Accept: _ignore,  # late ACCEPT for a timed-out PLACE
@@ -437,7 +434,6 @@ class Shard(wire.Service):
 
     def _send_place(self, job: Job, n: Node) -> None:
         """PLACE, retransmitted until the node answers; ``_placed`` takes the outcome."""
-        job.attempts += 1
         self.ep.call(
             n.addr,
             job.place,
@@ -468,8 +464,6 @@ class Shard(wire.Service):
                 n.placed.add(job.id)
                 n.jobs += 1
                 self.counts["placed"] += 1
-                if self.record_latency:
-                    self.place_latency.append(self.clock() - job.t_enq)
             else:
                 self.counts["refused"] += 1
                 self.idle.remove(n.id)
