@@ -599,12 +599,12 @@ _MISSING = object()
 
 
 class ReplyCache:
-    """Answers to requests by key, kept for ``ttl`` to ``2 * ttl`` seconds: two plain
+    """Answers to requests by (sender, rid), kept for ``ttl`` to ``2 * ttl`` seconds: two plain
     dicts, the older dropped whole every ``ttl``.  Why not one ordered dict of
     (time, answer) tuples: at 10 000 placements/s those tuples were ~40 000 new
     long-lived objects a second, and the collections they set off were the shard's
-    longest stalls (7 ms each, the whole p99 at that rate).  Here an entry is an int
-    key and a bytes value, which the collector never looks at, and expiry is O(1)."""
+    longest stalls (7 ms each, the whole p99 at that rate).  Here an entry is one int
+    key (sender and rid side by side) and a bytes value, which the collector never looks at, and expiry is O(1)."""
 
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
@@ -613,18 +613,20 @@ class ReplyCache:
         self._old: dict[int, bytes | None] = {}
         self._turn_at = clock() + ttl
 
-    def get(self, key: int, default=None):
+    def get(self, sender: int, rid: int, default=None):
+        key = sender << 64 | rid
         v = self._new.get(key, _MISSING)
         return self._old.get(key, default) if v is _MISSING else v
 
-    def put(self, key: int, answer: bytes | None) -> None:
+    def put(self, sender: int, rid: int, answer: bytes | None) -> None:
         now = self.clock()
         if now >= self._turn_at:
             self._old, self._new = self._new, {}
             self._turn_at = now + self.ttl
-        self._new[key] = answer
+        self._new[sender << 64 | rid] = answer
 
-    def pop(self, key: int) -> None:
+    def pop(self, sender: int, rid: int) -> None:
+        key = sender << 64 | rid
         self._new.pop(key, None)
         self._old.pop(key, None)
 
@@ -837,21 +839,20 @@ class Endpoint:
             self._serve_fetch(rid, msg, addr)
             return
         if rid:
-            key = sender << 64 | rid
-            cached = self._replies.get(key, _MISSING)
+            cached = self._replies.get(sender, rid, _MISSING)
             if cached is not _MISSING:
                 self.stats["dup_requests"] += 1
                 if cached is not None:  # same answer, new datagram (else: in progress)
                     self._post(addr, cached)
                 return
-            self._replies.put(key, None)
+            self._replies.put(sender, rid, None)
         if self.handler is None:
             return
         try:
             out = self.handler(msg, addr)
         except Exception:  # a handler bug must not take the daemon down with it
             self.stats["handler_errors"] += 1
-            self._replies.pop(sender << 64 | rid)
+            self._replies.pop(sender, rid)
             return
         if out is None or isinstance(out, Message):  # (asyncio.iscoroutine is an ABC check)
             if rid:
@@ -865,7 +866,7 @@ class Endpoint:
             return
         if task.exception() is not None:
             self.stats["handler_errors"] += 1
-            self._replies.pop(sender << 64 | rid)
+            self._replies.pop(sender, rid)
             return
         if rid:
             self._reply(sender, rid, addr, task.result())
@@ -876,7 +877,7 @@ class Endpoint:
         except ValueError as e:  # the requester gets a reason, not a timeout
             self.stats["oversized_replies"] += 1
             framed = frame(Error(str(e)), 0, rid)
-        self._replies.put(sender << 64 | rid, framed)
+        self._replies.put(sender, rid, framed)
         self._post(addr, framed)
 
     # payload transfer: the receiver pulls ranges it lacks (selective repeat)

@@ -477,20 +477,20 @@ def test_timer_wheel_keeps_one_loop_timer_per_tick():
 def test_reply_cache_keeps_answers_a_ttl_and_forgets_them_by_two():
     now = [100.0]
     c = wire.ReplyCache(5.0, clock=lambda: now[0])
-    c.put(1, None)  # in progress
-    c.put(1, b"answer")
-    assert c.get(1) == b"answer" and c.get(2, "missing") == "missing"
+    c.put(7, 1, None)  # in progress
+    c.put(7, 1, b"answer")
+    assert c.get(7, 1) == b"answer" and c.get(7, 2, "missing") == "missing"
     now[0] += 4.9
-    c.put(2, b"later")
-    assert c.get(1) == b"answer"  # at ttl - 0.1 s: still there
+    c.put(7, 2, b"later")
+    assert c.get(7, 1) == b"answer"  # at ttl - 0.1 s: still there
     now[0] += 0.2
-    c.put(3, b"x")  # the turn: 1 and 2 move to the old generation, still answered
-    assert c.get(1) == b"answer" and c.get(2) == b"later"
+    c.put(7, 3, b"x")  # the turn: 1 and 2 move to the old generation, still answered
+    assert c.get(7, 1) == b"answer" and c.get(7, 2) == b"later"
     now[0] += 5.0
-    c.put(4, b"y")  # the next turn drops them
-    assert c.get(1) is None and c.get(2) is None and c.get(3) == b"x"
-    c.pop(3)
-    assert c.get(3) is None and len(c) == 1
+    c.put(7, 4, b"y")  # the next turn drops them
+    assert c.get(7, 1) is None and c.get(7, 2) is None and c.get(7, 3) == b"x"
+    c.pop(7, 3)
+    assert c.get(7, 3) is None and len(c) == 1
 
 
 def test_the_hot_path_leaves_nothing_for_the_garbage_collector():
@@ -500,7 +500,7 @@ def test_the_hot_path_leaves_nothing_for_the_garbage_collector():
 
     c = wire.ReplyCache(5.0)
     for k in range(1000):
-        c.put(k << 64 | k, None if k % 2 else b"framed reply")
+        c.put(k, k, None if k % 2 else b"framed reply")
     assert not gc.is_tracked(c._new)
     place = wire.Place(os.urandom(16), "high", "", {"argv": ["true"]}, 0, bytes(32), b"")
     assert not gc.is_tracked(place)
