@@ -5,6 +5,7 @@ agree with the kernel's own cgroup counters. Kept small: every boot and import c
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -70,6 +71,17 @@ def start_child(cg: Cgroup, nbytes: int) -> subprocess.Popen:
     return p
 
 
+def recursion_misses() -> dict[str, int] | str:
+    """Runs the kernel skipped because the program was already running on that CPU; bpftool
+    lists the field only when it is not zero."""
+    try:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unknown ({e})"
+    return {p.get("name", "?"): p["recursion_misses"] for p in json.loads(out.stdout)
+            if p.get("recursion_misses")}  # fmt: skip
+
+
 def test_every_hook_attaches_on_this_kernel(mw):
     assert mw.missing == {}
     assert set(mw.attached()) == set(bpf.HOOK_COUNTERS)
@@ -115,19 +127,28 @@ def test_reclaim_counters_agree_with_memory_stat(mw, cg):
 
 
 def test_oom_victim_is_counted_against_its_cgroup(mw, cg):
-    """A process that overshoots memory.max (no swap allowed) is OOM-killed; BPF counts the
+    """A process that overshoots memory.max (no swap allowed) is OOM-killed. BPF counts the
     victim against its cgroup exactly as memory.events does, and every charge-time reclaim
-    pass (memory.events max) as a reclaim event the cgroup's own tasks stalled in."""
+    pass aimed at the cgroup (memory.events max). The cgroup's own task stalled in those
+    passes: some of them, never more, and none was global direct reclaim (the VM has memory
+    to spare). Not "all of them": docs/ebpf.md has the CI run that saw 39 stalls for 57."""
     cg.write("memory.max", 32 * MiB)
     cg.write("memory.swap.max", 0)
+    before = mw.read()
     child = start_child(cg, 128 * MiB)
     rc = child.wait(timeout=120)
     events = cg.read_keyed("memory.events")
     got = mw.get(cg.id)
-    print(f"rc {rc}; memory.events {events}; bpf {got}")
+    old = {k: v.reclaim_stalls for k, v in before.items()}
+    new = {k: v.reclaim_stalls for k, v in mw.read().items() if k != cg.id}
+    elsewhere = {k: n - old.get(k, 0) for k, n in new.items() if n != old.get(k, 0)}
+    print(f"rc {rc}; memory.events {events}; bpf {got}; other cgroups' stalls {elsewhere}")
+    print(f"programs' recursion misses: {recursion_misses()}")
     assert rc == -9
     assert events["oom_kill"] == 1
     assert got.oom_kills == events["oom_kill"]
     assert got.reclaim_events == events["max"] > 0
-    assert got.reclaim_stalls == events["max"]  # the charging task itself reclaimed
+    assert got.direct_reclaims == 0
+    assert 0 < got.reclaim_stalls <= got.reclaim_events
+    assert got.stall_reclaimed <= got.pages_reclaimed
     assert (mw.get(bpf.UNATTRIBUTED) or bpf.CgroupCounters()).oom_kills == 0
