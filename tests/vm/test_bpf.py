@@ -135,14 +135,13 @@ def test_oom_victim_is_counted_against_its_cgroup(mw, cg):
     to spare). Not "all of them": docs/ebpf.md has the CI run that saw 39 stalls for 57."""
     cg.write("memory.max", 32 * MiB)
     cg.write("memory.swap.max", 0)
-    before = mw.read()
+    before = {k: v.reclaim_stalls for k, v in mw.read().items()}
     child = start_child(cg, 128 * MiB)
     rc = child.wait(timeout=120)
     events = cg.read_keyed("memory.events")
     got = mw.get(cg.id)
-    old = {k: v.reclaim_stalls for k, v in before.items()}
-    new = {k: v.reclaim_stalls for k, v in mw.read().items() if k != cg.id}
-    elsewhere = {k: n - old.get(k, 0) for k, n in new.items() if n != old.get(k, 0)}
+    after = {k: v.reclaim_stalls for k, v in mw.read().items() if k != cg.id}
+    elsewhere = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
     seen = (
         f"rc {rc}; memory.events {events}; bpf {got}; other cgroups' stalls {elsewhere}; "
         f"programs' recursion misses: {recursion_misses()}"
