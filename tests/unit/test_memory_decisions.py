@@ -91,3 +91,45 @@ def test_victims_are_lowest_class_idle_first_and_never_the_top_class():
 def test_bad_memory_config_names_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         MemoryConfig.from_dict(raw)
+
+
+def test_a_failing_tick_is_counted_and_the_loop_goes_on_with_a_snapshot_taken_on_the_loop():
+    import asyncio
+    import threading
+
+    listed_on: list[int] = []
+    stepped_with: list[tuple] = []
+
+    def jobs():
+        listed_on.append(threading.get_ident())
+        return iter([])  # a generator-like view, as the daemon's would be
+
+    m = MemoryManager(
+        Cgroup(Path("/nonexistent")), RANKS, MemoryConfig(tick_s=0.01), jobs=jobs,
+        memory_controller=True, psi_ok=False,
+    )  # fmt: skip
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        second = asyncio.Event()
+
+        def step(psi_woke, woke_at, refs):
+            stepped_with.append(refs)
+            if len(stepped_with) == 1:
+                raise RuntimeError("injected: a tick that fails")
+            loop.call_soon_threadsafe(second.set)
+            return False
+
+        m.step = step
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(second.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert m.stats.tick_errors == 1
+    assert len(stepped_with) >= 2
+    assert all(isinstance(r, tuple) for r in stepped_with)  # immutable, not the live table
+    assert set(listed_on) == {loop_thread}  # the job table is read on the loop only

@@ -145,6 +145,7 @@ class Stats:
     psi_events: int = 0
     psi_events_by: dict[str, int] = field(default_factory=dict)  # root or class name
     shortfall_events: int = 0
+    tick_errors: int = 0  # ticks that raised; logged, and the loop went on
 
 
 class MemoryManager:
@@ -253,7 +254,9 @@ class MemoryManager:
                 self._adjusted.add(pid)
 
     # -- reading -----------------------------------------------------------------------
-    def sample(self) -> Sample:
+    def sample(self, refs: Iterable[JobRef] | None = None) -> Sample:
+        """Read the world once: a pure read (no writes), over `refs` when given — the
+        loop's snapshot of the jobs, since the daemon's job table changes under the loop."""
         mi = meminfo.meminfo()
         some = full = 0.0
         if self.psi_ok:
@@ -262,7 +265,7 @@ class MemoryManager:
                 some, full = p["some"].avg10, p["full"].avg10
         jobs = []
         seen = {}
-        for ref in self.jobs():
+        for ref in self.jobs() if refs is None else refs:
             if ref.cls not in self.ranks:
                 continue
             try:
@@ -288,7 +291,6 @@ class MemoryManager:
                     ref.started_at,
                 )  # fmt: skip
             )
-            self.adopt(ref)
         self._cpu_seen = seen
         return Sample(
             time.monotonic(), mi.get("MemTotal", 0), mi.get("MemAvailable", 0), some, full, jobs
@@ -392,12 +394,16 @@ class MemoryManager:
             done += j.swap
         return done
 
-    def step(self, psi_woke: bool, woke_at: float | None) -> bool:
+    def step(self, psi_woke: bool, woke_at: float | None, refs: tuple[JobRef, ...] = ()) -> bool:
         """One wake-up: read, decide, act on at most one chunk. Blocking (reclaim waits for
-        the kernel). Returns True if it reclaimed, so the caller re-runs it at once."""
+        the kernel). Returns True if it reclaimed, so the caller re-runs it at once. `refs`
+        is the loop's immutable snapshot of the running jobs: this runs in a worker thread."""
         s = self._fast_sample() if woke_at is not None else None
         if s is None:
-            s = self.sample()
+            s = self.sample(refs)
+            for ref in refs:
+                with contextlib.suppress(CgroupError):  # the job ended since the snapshot
+                    self.adopt(ref)
         self.last = s
         if not self.managed:
             return False
@@ -486,7 +492,15 @@ class MemoryManager:
                 woke_at, self._psi_at = self._psi_at, None
                 psi_woke = more or self._psi_pending
                 self._psi_pending = False
-                more = await asyncio.to_thread(self.step, psi_woke, woke_at)
+                refs = tuple(self.jobs())  # read on the loop, which owns the job table
+                try:
+                    more = await asyncio.to_thread(self.step, psi_woke, woke_at, refs)
+                except Exception:
+                    # One bad tick (a kernel file that vanished, a bug) must not end memory
+                    # management for the node's life: say it, count it, go on.
+                    self.stats.tick_errors += 1
+                    log.exception("memory: tick failed; carrying on")
+                    more = False
         finally:
             self._stop.set()
             if watcher:
