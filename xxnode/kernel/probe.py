@@ -3,7 +3,8 @@
 File names lie (a controller can be listed yet not delegated; a PSI file can refuse a 1 s
 window; swap can be configured but off), so every probe acts: it makes a scratch cgroup,
 sets SCHED_FIFO on a parked child, arms a trigger, reclaims real pages. A failed probe names
-the degraded mode XX runs in instead (DESIGN.md principle 3). Nothing is left behind.
+the degraded mode XX runs in instead (DESIGN.md principle 3), or says that xxnode refuses to
+start without it (cgroup2, SCHED_FIFO). Nothing is left behind.
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ class Capability:
         return asdict(self)
 
 
-# What XX does without each capability. Shown by `xxctl doctor` and the daemons' status.
+# What XX does without each capability, or "required: ..." where xxnode will not start
+# without it. Shown by `xxctl doctor` and the daemons' status.
 DEGRADED = {
-    "cgroup2": "processes-only: jobs are plain process groups; no cgroup kill or accounting",
+    # xxnode refuses to start without these two (node/daemon.py): no mode runs without them.
+    "cgroup2": "required: xxnode refuses to start without a cgroup2 mount (jobs live in "
+    "cgroups: kill, freeze, accounting and re-adoption after a restart all need them)",
     "cgroup2.memory": "memory-unmanaged: no per-job memory accounting, class-ordered reclaim "
     "or swap limits; pressure is seen through PSI and /proc/meminfo only",
     "cgroup2.cpu": "cpu-core-only: CPU time from the core cpu.stat file; classes are enforced "
     "by SCHED_FIFO alone (no cpu.weight)",
     "cgroup2.pids": "no-pids-limit: a fork bomb inside a job is stopped only by its timeout",
-    "sched_fifo": "fair-share: classes become nice levels; a high class is not guaranteed "
-    "to preempt a low one",
+    "sched_fifo": "required: xxnode refuses to start without SCHED_FIFO (classes are its "
+    "priorities; without them a high class would not preempt a low one)",
     "rt_throttling": "rt-unthrottled: a spinning high-class job could starve sshd and systemd",
     "psi": "no-pressure: memory pressure inferred from /proc/meminfo free memory only",
     "psi_trigger": "psi-polled: PSI averages are polled each tick instead of kernel triggers",
