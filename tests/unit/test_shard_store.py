@@ -76,3 +76,20 @@ def test_finished_ids_are_kept_to_a_bound(tmp_path):
     st = ShardStore(tmp_path, keep_finished=10)
     assert list(st.recovered.finished) == [j.id for j in jobs[-10:]]  # the newest, in order
     st.close()
+
+
+def test_state_dir_and_journal_are_owner_only_also_when_they_existed(tmp_path):
+    d = tmp_path / "state"
+    (d / "payloads").mkdir(parents=True)
+    d.chmod(0o755)
+    (d / "payloads").chmod(0o755)
+    (d / JOURNAL).write_bytes(b"")
+    (d / JOURNAL).chmod(0o644)
+    st = ShardStore(d)
+    st.close()
+    assert (d.stat().st_mode & 0o777, (d / "payloads").stat().st_mode & 0o777) == (0o700, 0o700)
+    assert (d / JOURNAL).stat().st_mode & 0o777 == 0o600
+    fresh = tmp_path / "fresh"
+    ShardStore(fresh).close()
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    assert (fresh / JOURNAL).stat().st_mode & 0o777 == 0o600

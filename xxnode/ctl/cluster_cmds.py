@@ -17,16 +17,22 @@ import sys
 from xxnode import wire
 from xxnode.cluster_client import ClusterClient, SubmitError, key_from_env
 
+DEFAULT_KEY = "/etc/xx/cluster.key"
+
 
 class _Usage(Exception):
-    pass
+    """A usage mistake: one line on stderr, exit 2."""
 
 
 def register(sub) -> None:
     def add(name: str, help: str, func):
         p = sub.add_parser(name, help=help)
         p.add_argument("--shard", metavar="HOST:PORT[,...]", help="shards (default: $XX_SHARDS)")
-        p.add_argument("--key-file", metavar="FILE", help="cluster key file")
+        p.add_argument(
+            "--key-file",
+            metavar="FILE",
+            help=f"cluster key file (default: $XX_CLUSTER_KEY_FILE or {DEFAULT_KEY})",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=lambda args: _guard(func, args))
         return p
@@ -55,7 +61,16 @@ def _client(args) -> ClusterClient:
     if not text:
         raise _Usage("no shards: give --shard HOST:PORT[,...] or set $XX_SHARDS")
     shards = [wire.parse_addr(s.strip()) for s in text.split(",") if s.strip()]
-    return ClusterClient(shards, key_from_env(args.key_file))
+    path = args.key_file or os.environ.get("XX_CLUSTER_KEY_FILE") or DEFAULT_KEY
+    try:
+        key = key_from_env(path)
+    except FileNotFoundError:
+        raise _Usage(
+            f"no cluster key at {path}; pass --key-file FILE or set $XX_CLUSTER_KEY_FILE"
+        ) from None
+    except PermissionError:
+        raise _Usage(f"cannot read the cluster key {path}: needs root or its group") from None
+    return ClusterClient(shards, key)
 
 
 async def cmd_submit(args) -> int:
@@ -105,13 +120,21 @@ async def cmd_shards(args) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def _head(row: dict, key: str, empty: str) -> str:
+    """A shard's heading line: its error, or how many entries follow, or that none do."""
+    if "error" in row:
+        return f"{row['addr']}: {row['error']}"
+    n = len(row.get(key, []))
+    return f"{row['addr']}: {n} listed" if n else f"{row['addr']}: {empty}"
+
+
 async def cmd_idle(args) -> int:
     rows = await _status(args, "idle")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        print(f"{r['addr']}: {r.get('error', '')}")
+        print(_head(r, "idle", "no idle nodes listed"))
         for e in r.get("idle", []):
             print(f"  {e['node']:24} free {e['free'] >> 20:>8} MiB  jobs {e['jobs']}")
     return 0 if all("error" not in r for r in rows) else 1
@@ -123,7 +146,7 @@ async def cmd_nodes(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        print(f"{r['addr']}: {r.get('error', '')}")
+        print(_head(r, "nodes", "no nodes listed"))
         for n in r.get("nodes", []):
             print(
                 f"  {n['node']:24} {n['addr']:22} seen {n['age']:.2f}s ago  "

@@ -7,7 +7,32 @@ import logging
 import os
 import sys
 
+from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
 from xxnode.kernel.probe import probe_all
+
+
+def delegation_note(offered: set[str], subtree: set[str]) -> str | None:
+    """`status` counts a controller missing unless it reaches xxnode's cgroup_root, i.e. is
+    in the mount root's cgroup.subtree_control; cgroup.controllers alone (what the cgroup2
+    probe reports as offered) is not enough. Say which are offered but not passed down."""
+    held = sorted(offered - subtree)
+    if not held:
+        return None
+    return (
+        f"offered at the cgroup2 root but not in its cgroup.subtree_control, so xxnode's "
+        f"cgroup_root does not get them and `xxctl status` lists them missing: {' '.join(held)}"
+    )
+
+
+def _root_note() -> str | None:
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return None
+    root = Cgroup(mount)
+    try:
+        return delegation_note(root.controllers(), root.subtree_control())
+    except OSError:
+        return None
 
 
 def register(sub) -> None:
@@ -24,10 +49,15 @@ def run(args) -> int:
         return 2
     logging.getLogger("xxnode").setLevel(logging.ERROR)  # each probe's detail says it already
     caps = probe_all()
+    note = _root_note()
     if args.json:
         print(
             json.dumps(
-                {"kernel": os.uname().release, "capabilities": [c.as_dict() for c in caps]},
+                {
+                    "kernel": os.uname().release,
+                    "capabilities": [c.as_dict() for c in caps],
+                    "controllers_not_delegated": note,
+                },
                 indent=2,
             )
         )
@@ -40,6 +70,8 @@ def run(args) -> int:
         print(f"{mark} {c.name:<{width}}  {state}  {c.detail}")
         if not c.ok:
             print(f"  {'':<{width}}  degraded: {c.degraded}")
+    if note:
+        print(f"  note: {note}")
     missing = [c.name for c in caps if not c.ok]
     print(
         f"\n{len(caps) - len(missing)}/{len(caps)} capabilities ok"

@@ -8,12 +8,14 @@ killed by signal N), printing the job's stdout/stderr as its own; --detach retur
 from __future__ import annotations
 
 import base64
+import grp
 import json
+import os
 import sys
 import time
 from datetime import datetime
 
-from xxnode.node.client import Client, DaemonError
+from xxnode.node.client import Client, DaemonError, socket_path
 
 RECONNECT_S = 60.0
 
@@ -33,7 +35,9 @@ def register(sub) -> None:
     add("memory", "memory, swap, zswap and pressure per class and job; reclaims", cmd_memory)
     p = add("jobs", "running, queued and recently finished jobs", cmd_jobs)
     p.add_argument("--class", dest="cls", metavar="C", help="only this class")
-    p.add_argument("--limit", type=int, default=50, help="finished jobs shown (default 50)")
+    p.add_argument(
+        "--limit", type=_positive_int, default=50, help="finished jobs shown, >= 1 (default 50)"
+    )
     p = add("run", "run a command as a job of a price class", cmd_run)
     p.add_argument("--class", dest="cls", metavar="C", required=True, help="price class")
     p.add_argument("--detach", action="store_true", help="print the job id and return")
@@ -46,8 +50,46 @@ def register(sub) -> None:
     p.add_argument("job", metavar="JOB")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for --limit: a count of at least 1 (argparse makes the error exit 2)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _check_class(name: str, classes: list[dict]) -> None:
+    """Refuse a class the daemon does not have, listing those it has (its `classes` reply)."""
+    known = [cl["name"] for cl in classes]
+    if name not in known:
+        raise _Refused(f"unknown class {name!r} (known: {', '.join(known) or 'none'})")
+
+
 class _Refused(Exception):
     """A mistake of ours or a refusal by the daemon: one line on stderr, exit 2."""
+
+
+def _denied(args) -> str:
+    """Why connecting to the socket was refused, naming the socket and the group to join."""
+    path = socket_path(args.socket)
+    group = ""
+    try:
+        gid = os.stat(path).st_gid
+        try:
+            group = f" (group {grp.getgrgid(gid).gr_name})"
+        except KeyError:
+            group = f" (gid {gid})"
+    except OSError:
+        pass
+    return (
+        f"permission denied connecting to the xxnode socket {path}: needs root or "
+        f"membership in the socket's group{group}"
+    )
 
 
 def _guard(func, args) -> int:
@@ -56,6 +98,9 @@ def _guard(func, args) -> int:
     except (DaemonError, _Refused) as e:
         print(f"xxctl {args.command}: {e}", file=sys.stderr)
         return 2
+    except PermissionError:
+        print(f"xxctl {args.command}: {_denied(args)}", file=sys.stderr)
+        return 1
 
 
 def _emit_json(obj) -> None:
@@ -99,7 +144,8 @@ def cmd_status(args) -> int:
         (
             "Controllers",
             f"enabled: {' '.join(st['controllers_enabled']) or 'none'}; "
-            f"missing: {' '.join(st['controllers_missing']) or 'none'}",
+            f"missing (not delegated to {st['cgroup_root']}): "
+            f"{' '.join(st['controllers_missing']) or 'none'}",
         ),
     ]
     for name, why in st["controllers_withheld"].items():
@@ -201,9 +247,10 @@ def cmd_classes(args) -> int:
 
 def cmd_jobs(args) -> int:
     req = {"op": "jobs", "limit": args.limit}
-    if args.cls:
-        req["class"] = args.cls
     with Client(args.socket) as c:
+        if args.cls:
+            _check_class(args.cls, c.call({"op": "classes"})["classes"])
+            req["class"] = args.cls
         rows = c.call(req)["jobs"]
     if args.json:
         _emit_json(rows)
@@ -260,6 +307,7 @@ def cmd_run(args) -> int:
             raise _Refused(f"--stdin {args.stdin}: {e.strerror}") from None
         req["stdin"] = base64.b64encode(data).decode()
     c = Client(args.socket, timeout=None)
+    jid = None
     try:
         accepted = c.call(req)
         jid = accepted["job"]
@@ -279,6 +327,10 @@ def cmd_run(args) -> int:
             fin = c.recv()
         except (ConnectionError, OSError):
             fin = _rewait(args.socket, jid)
+    except KeyboardInterrupt:
+        if jid is not None:
+            print(f"\n{_interrupted_note(jid)}", file=sys.stderr)
+        raise
     finally:
         c.close()
     if not fin.get("ok"):
@@ -300,6 +352,13 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
     return _exit_status(res)
+
+
+def _interrupted_note(jid: str) -> str:
+    return (
+        f"xxctl: interrupted; job {jid} is still running (see `xxctl jobs`; "
+        f"stop it with `xxctl kill {jid}`)"
+    )
 
 
 def _rewait(sock, jid: str) -> dict:

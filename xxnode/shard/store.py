@@ -46,7 +46,11 @@ class ShardStore:
     def __init__(self, state_dir: str | Path, keep_finished: int = 100_000) -> None:
         self.dir = Path(state_dir)
         self.payload_dir = self.dir / "payloads"
-        self.payload_dir.mkdir(parents=True, exist_ok=True)
+        # every job's argv and input is in here: owner only, also for a dir made by an
+        # older version (mkdir's mode does not apply to an existing dir, nor past umask)
+        self.payload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.dir, self.payload_dir):
+            os.chmod(d, 0o700)
         self.keep_finished = keep_finished
         self.recovered = self._compact(self._replay())
         self._journal = Journal(self.dir / JOURNAL)
@@ -91,7 +95,8 @@ class ShardStore:
         lines += [_line(_granted(j, n)) for j, n in r.grants.items()]
         lines += [_line(_finished(j, s)) for j, s in r.finished.items()]
         tmp = self.dir / (JOURNAL + ".new")
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # a leftover .new keeps its old mode otherwise
             f.write(b"".join(lines))
             f.flush()
             os.fdatasync(f.fileno())
@@ -156,7 +161,7 @@ class ShardStore:
             if payload is not None:
                 dig, data = payload
                 path = self.payload_dir / dig.hex()
-                with open(path, "wb") as f:
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fdatasync(f.fileno())
