@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from xxnode import wire
+from xxnode import outcome, wire
 from xxnode.cluster_client import ClusterClient, SubmitError, key_from_env
 
 DEFAULT_KEY = "/etc/xx/cluster.key"
@@ -90,10 +90,10 @@ async def cmd_submit(args) -> int:
         print(json.dumps({"job": jid.hex(), **res}, indent=2))
     else:
         sys.stdout.write(res.get("stdout", ""))
-        if res.get("error"):
-            print(f"xxctl submit: {res['error']}", file=sys.stderr)
-    st = int(res.get("status", 1))
-    return st if 0 <= st < 256 else 1
+        sys.stdout.flush()
+        if outcome.exit_status(res) != 0 or res.get("error"):
+            print(f"xxctl submit: {jid.hex()} {outcome.words(res)}", file=sys.stderr)
+    return outcome.exit_status(res)
 
 
 async def _status(args, what: str) -> list[dict]:

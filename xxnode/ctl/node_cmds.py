@@ -15,6 +15,7 @@ import sys
 import time
 from datetime import datetime
 
+from xxnode import outcome
 from xxnode.node.client import Client, DaemonError, socket_path
 
 RECONNECT_S = 60.0
@@ -270,21 +271,6 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-def _exit_status(res: dict) -> int:
-    st = res["state"]
-    if st == "succeeded":
-        return 0
-    if st == "timeout":
-        return 124
-    if st == "start_failed":
-        return 127
-    if res.get("exit_code") is not None:
-        return res["exit_code"]
-    if res.get("signal"):
-        return 128 + res["signal"]
-    return 1
-
-
 def cmd_run(args) -> int:
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     if not cmd:
@@ -345,13 +331,12 @@ def cmd_run(args) -> int:
         sys.stdout.flush()
         sys.stderr.write(fin.get("stderr", ""))
         mark = "●" if res["state"] == "succeeded" else "×"
-        why = f" ({res['reason']})" if res["reason"] else ""
         print(
-            f"{mark} {res['job']} ({res['class']}) {res['state']}{why}: pid {res['pid']}, "
+            f"{mark} {res['job']} ({res['class']}) {outcome.words(res)}: pid {res['pid']}, "
             f"queued {res['queued_ms']:.1f} ms, wall {res['wall_ms']:.1f} ms, cpu {res['cpu_ms']:.1f} ms",
             file=sys.stderr,
         )
-    return _exit_status(res)
+    return outcome.exit_status(res)
 
 
 def _interrupted_note(jid: str) -> str:
