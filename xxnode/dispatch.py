@@ -324,59 +324,10 @@ class SyntheticExecutor:
         return {"status": status, "wall_s": round(time.monotonic() - t0, 6), **extra}
 
 
-class XxnodeExecutor:
-    """Runs placed jobs on a local xxnode over its control socket (``xxctl run``'s
-    request); memory comes from /proc/meminfo until the node daemon exports its own."""
-
-    def __init__(self, socket: str | None = None) -> None:
-        self.socket = socket
-        self.running = 0
-        self.total_bytes = _meminfo("MemTotal")
-
-    def snapshot(self) -> tuple[int, int]:
-        return _meminfo("MemAvailable"), self.running
-
-    async def run(self, job: ClusterJob) -> dict:
-        import base64
-
-        from xxnode.node.client import DaemonError, call_async
-
-        req = {"op": "run", "class": job.cls, "argv": job.spec.get("argv", []), "wait": True}
-        for k in ("env", "cwd", "timeout"):
-            if k in job.spec:
-                req[k] = job.spec[k]
-        if job.payload:
-            req["stdin"] = base64.b64encode(job.payload).decode()
-
-        self.running += 1
-        try:
-            msgs = await call_async(req, self.socket, replies=2)
-        except (OSError, DaemonError) as e:
-            return {"status": wire.FAILED_START, "error": str(e)}
-        finally:
-            self.running -= 1
-        fin = msgs[-1]
-        if len(msgs) < 2 or not fin.get("ok", True):
-            return {"status": wire.FAILED_START, "error": fin.get("error", "")}
-        res = dict(fin.get("result", {}))
-        code, sig = res.get("exit_code"), res.get("signal")
-        res["status"] = code if code is not None else (128 + sig if sig else wire.FAILED_START)
-        res["stdout"] = fin.get("stdout", "")[:4096]
-        return res
-
-
 def _default_ranks() -> dict[str, int]:
     from xxnode import config
 
     return config.load(config.DEFAULT_CONFIG).classes.ranks()
-
-
-def _meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # --- standalone process (tests, demo) ----------------------------------------------------
@@ -384,16 +335,13 @@ def _meminfo(key: str) -> int:
 
 async def _serve(args) -> None:
     key = wire.load_key(args.key_file)
-    if args.executor == "xxnode":
-        ex = XxnodeExecutor(args.socket)
-    else:
-        ex = SyntheticExecutor(
-            total_bytes=args.total_mb << 20,
-            per_job_bytes=args.per_job_mb << 20,
-            record=args.record,
-            slots=args.slots,
-            ranks=_default_ranks() if args.slots else None,
-        )
+    ex = SyntheticExecutor(
+        total_bytes=args.total_mb << 20,
+        per_job_bytes=args.per_job_mb << 20,
+        record=args.record,
+        slots=args.slots,
+        ranks=_default_ranks() if args.slots else None,
+    )
     shards = [wire.parse_addr(s) for s in args.shards.split(",")]
     d = Dispatcher(args.node_id, shards, ex, k=args.k, heartbeat_s=args.heartbeat)
     drop, seed = wire.drop_from_env()
@@ -410,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--node-id", default=f"{os.uname().nodename}-{os.getpid()}")
-    ap.add_argument("--executor", choices=("synthetic", "xxnode"), default="synthetic")
-    ap.add_argument("--socket", help="xxnode control socket (executor xxnode)")
     ap.add_argument("--record", help="synthetic: append each executed job id to FILE")
     ap.add_argument("--total-mb", type=int, default=16384)
     ap.add_argument("--per-job-mb", type=int, default=256)
