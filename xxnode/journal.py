@@ -2,11 +2,12 @@
 
 Every record has "ev" (what happened) and "job".  The node daemon's records
 (xxnode/node/daemon.py):
-  accepted  {job, t, class, spec}            fsync'd before the client hears "accepted"
+  accepted  {job, t, spec}                   fsync'd before the client hears "accepted";
+                                             the class is spec["class"]
   started   {job, t, pid, shim_pid}          not fsync'd: the state dir's shim file decides
   kill      {job, t, reason}                 fsync'd before cgroup.kill, so the reason survives
   finished  {job, t, result}                 fsync'd; billing reads these (result has class,
-                                             cpu_ms, price and charge)
+                                             state, cpu_ms, price and charge_uc = cpu s x price)
 The shard's are in xxnode/shard/store.py.
 A torn last line (crash mid-write) is skipped on replay and the next append starts a new line.
 """
