@@ -2,7 +2,7 @@
 
 import pytest
 
-from xxnode.node.harness import Daemon
+from tests.support.harness import Daemon
 
 
 @pytest.fixture

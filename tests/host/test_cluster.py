@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.cluster_procs import (
+from tests.support.cluster_procs import (
     Cluster,
     assert_exactly_once,
     assert_node_loss_accounted,

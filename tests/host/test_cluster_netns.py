@@ -20,14 +20,14 @@ import time
 import pytest
 from pyroute2 import IPRoute, netns
 
-from tests.cluster_procs import (
+from tests.support.cluster_procs import (
     Cluster,
     assert_exactly_once,
     client_at,
     submit_all,
     wait_registered,
 )
-from tests.netlab import LabError, Netem, netlab
+from tests.support.netlab import LabError, Netem, netlab
 from xxnode import wire
 
 HOSTS = ["s0", "s1", "n0", "n1", "n2", "client"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.harness import Daemon, shared_dir
 from xxnode.kernel import clone3
 from xxnode.kernel.cgroup import Cgroup
-from xxnode.node.harness import Daemon, shared_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, SCHED_FIFO)")
 

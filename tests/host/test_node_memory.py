@@ -4,7 +4,7 @@ what is off."""
 
 import subprocess
 
-from tests.node_memory_checks import check_memory_report, check_oom_order
+from tests.support.node_memory_checks import check_memory_report, check_oom_order
 
 
 def test_jobs_get_their_class_oom_rank_before_they_run(daemon):

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.cluster_procs import (
+from tests.support.cluster_procs import (
     Cluster,
     assert_exactly_once,
     assert_node_loss_accounted,
@@ -32,7 +32,7 @@ from tests.cluster_procs import (
     wait_registered,
     wait_shards_done,
 )
-from tests.netlab import Netem, netlab
+from tests.support.netlab import Netem, netlab
 
 NETEM = Netem(loss=10.0, delay_ms=5.0, jitter_ms=2.0, duplicate=2.0)
 SHARDS, NODES = 2, 3

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.harness import Daemon, shared_dir
 from xxnode.kernel.cgroup import Cgroup
-from xxnode.node.harness import Daemon, shared_dir
 
 SPIN = r"""
 #include <stdio.h>

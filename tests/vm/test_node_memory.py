@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from tests.node_memory_checks import check_memory_report, check_oom_order
+from tests.support.harness import Daemon
+from tests.support.node_memory_checks import check_memory_report, check_oom_order
 from xxnode.kernel.cgroup import Cgroup
-from xxnode.node.harness import Daemon
 
 
 @pytest.fixture(scope="module")

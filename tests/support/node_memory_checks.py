@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+from tests.support.harness import Daemon
 from xxnode.kernel import proc
-from xxnode.node.harness import Daemon
 
 
 def xxctl_json(d: Daemon, *args: str) -> dict:

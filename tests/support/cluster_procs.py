@@ -59,7 +59,7 @@ class Cluster:
 
     ``where(role, i)`` says where process ``i`` of ``role`` ("shard" | "node") runs: an
     object with ``ip`` (the address it binds) and ``popen(argv, **kw)`` -- loopback by
-    default, a ``tests.netlab.Host`` in the lab. ``drop`` is XX_WIRE_DROP for every
+    default, a ``tests.support.netlab.Host`` in the lab. ``drop`` is XX_WIRE_DROP for every
     process. ``shard_port`` (when each shard has an address of its own) fixes the shards'
     port, so shards and nodes all start at once; otherwise shards get port 0 and the
     nodes start once the shards said where they listen. A cluster that fails to start

@@ -1,0 +1,1 @@
+"""Harnesses the lanes share: a throwaway xxnode, cluster processes, the network lab."""
