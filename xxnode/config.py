@@ -17,6 +17,13 @@ from xxnode.classes import ClassTable, ConfigError, parse_classes
 from xxnode.node.memory import MemoryConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.toml")
+
+
+def _builtin_tables() -> dict:
+    with open(DEFAULT_CONFIG, "rb") as f:
+        return tomllib.load(f)
+
+
 ENV_CONFIG = "XX_CONFIG"
 
 
@@ -119,7 +126,10 @@ def parse(data: Mapping, source: str = "") -> NodeConfig:
     if pw.pw_uid == 0:
         raise ConfigError("node.user: jobs must not run as root")
     groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid))))
-    classes = parse_classes(data.get("class"), "class", ints["daemon_priority"])
+    # A partial file overrides the built-in defaults: no [[class]] tables means the built-in
+    # classes, not "no classes" (`[node] max_running = 4` alone is a whole config).
+    raw_classes = data["class"] if "class" in data else _builtin_tables().get("class")
+    classes = parse_classes(raw_classes, "class", ints["daemon_priority"])
     max_running = ints["max_running"] or 2 * (os.cpu_count() or 1)
     return NodeConfig(
         classes=classes,

@@ -67,7 +67,10 @@ def load_config(path: str | None) -> tuple[dict, ClassTable, ShardParams]:
     if p.head_policy not in ("strict", "aging"):
         raise ConfigError(f"shard.head_policy: 'strict' or 'aging', got {p.head_policy!r}")
     if p.probe_k < 1:
-        raise ConfigError("shard.probe_k: must be >= 1")
+        raise ConfigError(f"shard.probe_k: must be >= 1, got {p.probe_k}")
+    for key in ("dead_after", "place_timeout"):  # seconds; 0 or less would never wait
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"shard.{key}: must be > 0 seconds, got {getattr(p, key)!r}")
     rest = set(s) - {"listen", "key_file", "state_dir"}
     if rest:
         raise ConfigError(f"shard.{sorted(rest)[0]}: unknown key")
