@@ -3,7 +3,7 @@
 A job is born inside its cgroup leaf with its class's scheduling already set: no window in
 which it runs elsewhere or at the wrong priority, and no fork of the (large) daemon: the shim
 shares the daemon's memory (CLONE_VM) and the job is a vfork-style child of the shim. See
-_clone3_build.py for the C side and the process tree.
+clone3.c / clone3.h (built by _clone3_build.py) for the C side and the process tree.
 
 The shim protocol, which also lets a restarted daemon decide what happened to a job, lives
 in the job's state directory:
@@ -43,35 +43,43 @@ except ImportError as e:  # pragma: no cover - only without a build
 else:
     _IMPORT_ERROR = None
 
-STAGES = {
-    0: "ok",
-    1: "claim (job already claimed)",
-    2: "shim setup",
-    3: "shim sched_setscheduler",
-    4: "clone3 into the job cgroup",
-    5: "sched_setscheduler",
-    6: "setrlimit RLIMIT_RTPRIO",
-    7: "prctl PR_SET_NO_NEW_PRIVS",
-    8: "stdio dup",
-    9: "setgroups",
-    10: "setgid",
-    11: "setuid",
-    12: "chdir",
-    13: "execve",
-    14: "clone3 of the shim",
-    15: "job SIGKILLed at birth (cgroup kill_seq mismatch: a cgroup.kill'ed cgroup)",
-    16: "shim SIGKILLed before it reported",
-    17: "writing /proc/self/oom_score_adj",
+_STAGE_TEXT = {
+    "OK": "ok",
+    "CLAIM": "claim (job already claimed)",
+    "SHIM_SETUP": "shim setup",
+    "SHIM_SCHED": "shim sched_setscheduler",
+    "CLONE_JOB": "clone3 into the job cgroup",
+    "SCHED": "sched_setscheduler",
+    "RLIMIT": "setrlimit RLIMIT_RTPRIO",
+    "NO_NEW_PRIVS": "prctl PR_SET_NO_NEW_PRIVS",
+    "STDIO": "stdio dup",
+    "SETGROUPS": "setgroups",
+    "SETGID": "setgid",
+    "SETUID": "setuid",
+    "CHDIR": "chdir",
+    "EXEC": "execve",
+    "CLONE_SHIM": "clone3 of the shim",
+    "JOB_KILLED_AT_BIRTH": "job SIGKILLed at birth (cgroup kill_seq mismatch: a cgroup.kill'ed cgroup)",
+    "SHIM_KILLED": "shim SIGKILLed before it reported",
+    "OOM_ADJ": "writing /proc/self/oom_score_adj",
 }
-STAGE_CLAIM = 1
-STAGES_KILLED_AT_BIRTH = (15, 16)
+# The codes come from clone3.h (through the cdef): lib.XX_STAGE_<name>. -1 without a build.
+STAGES = (
+    {getattr(lib, f"XX_STAGE_{k}"): v for k, v in _STAGE_TEXT.items()} if lib is not None else {}
+)
+STAGE_CLAIM = lib.XX_STAGE_CLAIM if lib is not None else -1
+STAGE_CLONE_SHIM = lib.XX_STAGE_CLONE_SHIM if lib is not None else -1
+STAGE_SHIM_KILLED = lib.XX_STAGE_SHIM_KILLED if lib is not None else -1
+STAGES_KILLED_AT_BIRTH = (
+    (lib.XX_STAGE_JOB_KILLED_AT_BIRTH, lib.XX_STAGE_SHIM_KILLED) if lib is not None else ()
+)
 
 SHIM_FILE = "shim"
 EXIT_FILE = "exit"
 
 
-def available() -> str | None:
-    """None if the extension is built, else why not (for status/doctor)."""
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used (not built), or None if it can (for status/doctor)."""
     return None if _IMPORT_ERROR is None else f"xxnode.kernel._clone3 not built: {_IMPORT_ERROR}"
 
 
@@ -159,13 +167,13 @@ def spawn(req: SpawnRequest) -> Spawned:
     never reached its code (the shim, if it ran, has then already been reaped... or will
     exit on its own: the caller gets its pidfd in the error to wait for it)."""
     if lib is None:
-        raise RuntimeError(available())
+        raise RuntimeError(unavailable_reason())
     keep: list = []
     a = ffi.new("struct xx_spawn *")
     fds: list[int] = []
     block = lib.xx_stack_alloc()
     if block == ffi.NULL:
-        raise SpawnError(14, errno.ENOMEM)
+        raise SpawnError(STAGE_CLONE_SHIM, errno.ENOMEM)
     try:
         a.job_cgroup_fd = _opendir(req.job_cgroup, fds)
         a.shim_cgroup_fd = _opendir(req.shim_cgroup, fds) if req.shim_cgroup else -1
@@ -207,12 +215,12 @@ def spawn(req: SpawnRequest) -> Spawned:
     if pid < 0:
         lib.xx_stack_free(block)
         raise SpawnError(rep.stage, rep.err)
-    if rep.stage == 16:  # the shim is dead already (SIGKILL): reap it here
+    if rep.stage == STAGE_SHIM_KILLED:  # the shim is dead already (SIGKILL): reap it here
         os.waitid(os.P_PIDFD, pidfd[0], os.WEXITED)
         os.close(pidfd[0])
         lib.xx_stack_free(block)
         raise SpawnError(rep.stage, rep.err, pid)
-    if rep.stage != 0 or rep.job_pid <= 0:
+    if rep.stage != lib.XX_STAGE_OK or rep.job_pid <= 0:
         # The shim exits by itself; the caller must reap it and then free the block, so we
         # hand both over in the error rather than block here.
         err = SpawnError(rep.stage, rep.err, pid, pidfd[0])

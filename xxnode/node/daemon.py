@@ -67,8 +67,8 @@ class Node:
         self._setup_state_dir()
         self._setup_cgroups()
         self._setup_memory()
-        if clone3.available():
-            raise StartupError(clone3.available())
+        if (reason := clone3.unavailable_reason()) is not None:
+            raise StartupError(reason)
         self.self_test()
 
     def _setup_sched(self) -> None:
