@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from xxnode.schema import ConfigError, Key, check
+
 POLICIES = {
     "fifo": os.SCHED_FIFO,
     "other": os.SCHED_OTHER,
@@ -34,8 +36,14 @@ NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 RT_MIN, RT_MAX = 1, 99
 
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message starts with the offending key."""
+# One [[class]] table's keys (checks between classes are in parse_classes).
+KEYS = (
+    Key("name", "str", "", "a short identifier, [a-z][a-z0-9_-]*, unique", required=True),
+    Key("price", "float", 0.0, "µ¢ per CPU-second; unique: the classes are ranked by price", least=0, above=True, required=True),
+    Key("policy", "str", "fifo", "kernel scheduling the price buys; a dearer class gets strictly stronger scheduling", choices=tuple(POLICIES)),
+    Key("priority", "int", 0, "SCHED_FIFO priority (fifo only): >= 2 above the next cheaper fifo class, below the daemon's minus 1", least=RT_MIN, most=RT_MAX - 1),
+    Key("description", "str", "", "shown by xxctl classes"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,33 +115,23 @@ def _key(where: str, field: str) -> str:
 def parse_class(raw: object, where: str) -> PriceClass:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table with name, price, policy")
-    unknown = set(raw) - {"name", "price", "policy", "priority", "description"}
-    if unknown:
-        raise ConfigError(f"{_key(where, sorted(unknown)[0])}: unknown key")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"{_key(where, 'name')}: must match [a-z][a-z0-9_-]*, got {name!r}")
     where = f"{where}({name})"
-    price = raw.get("price")
-    if isinstance(price, bool) or not isinstance(price, int | float) or not price > 0:
-        raise ConfigError(f"{_key(where, 'price')}: must be a positive number, got {price!r}")
-    policy = raw.get("policy", "fifo")
-    if policy not in POLICIES:
-        raise ConfigError(
-            f"{_key(where, 'policy')}: must be one of {', '.join(POLICIES)}, got {policy!r}"
-        )
-    priority = raw.get("priority", 0 if policy != "fifo" else None)
-    if policy == "fifo":
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigError(f"{_key(where, 'priority')}: fifo needs an integer priority")
-        if not RT_MIN <= priority <= RT_MAX - 1:
-            raise ConfigError(f"{_key(where, 'priority')}: must be 1..98, got {priority}")
-    elif priority != 0:
+    priority = raw.get("priority")
+    if priority == 0 and raw.get("policy", "fifo") != "fifo":  # "no priority", said explicitly
+        raw = {k: x for k, x in raw.items() if k != "priority"}
+        priority = None
+    v = check(where, KEYS, raw)
+    policy = v["policy"]
+    if policy == "fifo" and not priority:
+        raise ConfigError(f"{_key(where, 'priority')}: fifo needs an integer priority 1..98")
+    if policy != "fifo" and priority is not None:
         raise ConfigError(f"{_key(where, 'priority')}: only fifo classes take a priority")
-    desc = raw.get("description", "")
-    if not isinstance(desc, str):
-        raise ConfigError(f"{_key(where, 'description')}: must be a string")
-    return PriceClass(name, float(price), policy, int(priority), 0, desc)
+    return PriceClass(
+        name, v["price"], policy, v["priority"] if policy == "fifo" else 0, 0, v["description"]
+    )
 
 
 def parse_classes(

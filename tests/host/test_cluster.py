@@ -27,7 +27,7 @@ from tests.support.cluster_procs import (
     wait_shards_done,
 )
 from xxnode import wire
-from xxnode.cluster_client import ClusterClient
+from xxnode.cluster.client import ClusterClient
 
 
 @pytest.fixture
@@ -184,8 +184,9 @@ def test_6mb_input_reaches_the_node_intact_under_loss(cluster_factory):
 def test_refused_placement_stays_queued_then_runs():
     """A node refusing (memory critically full) keeps the job in the shard's queue; the
     head policy sends it again, and it runs once the node admits it."""
-    from xxnode.dispatch import Dispatcher, SyntheticExecutor
-    from xxnode.shard.main import default_classes
+    from xxnode.cluster.dispatcher import Dispatcher
+    from xxnode.cluster.synthetic import SyntheticExecutor
+    from xxnode.config import builtin_classes as default_classes
     from xxnode.shard.server import Shard
 
     class Refusing(SyntheticExecutor):
@@ -226,9 +227,11 @@ def test_a_node_that_took_a_job_silently_then_died_is_reported_node_lost(arbiter
     node, which was denied it.  When the silent node is declared dead, the job is
     reported NODE_LOST -- it was not waited on forever, and it did not run twice.
     (Seen in the VM lane under netem: an ACCEPT lost just before a kill -9.)"""
-    from xxnode.dispatch import Dispatcher, SyntheticExecutor
-    from xxnode.shard.main import default_classes
-    from xxnode.shard.server import Shard, ShardParams
+    from xxnode.cluster.dispatcher import Dispatcher
+    from xxnode.cluster.synthetic import SyntheticExecutor
+    from xxnode.config import builtin_classes as default_classes
+    from xxnode.config.shard import ShardParams
+    from xxnode.shard.server import Shard
 
     async def go():
         key = os.urandom(32)
@@ -277,7 +280,7 @@ def test_a_node_that_took_a_job_silently_then_died_is_reported_node_lost(arbiter
 def test_idle_and_nodes_lists_longer_than_a_datagram_come_whole():
     """300 nodes do not fit one STATUS reply (9 KB): the shard pages its lists and the
     client joins the pages, so `xxctl nodes` works on a real fleet."""
-    from xxnode.shard.main import default_classes
+    from xxnode.config import builtin_classes as default_classes
     from xxnode.shard.server import STATUS_PAGE, Shard
 
     n_nodes = 300

@@ -363,7 +363,7 @@ def test_bad_config_names_the_key(tmp_path):
         text=True,
     )
     assert r.returncode == 2
-    assert "class[0](a).priority: must be 1..98, got 200" in r.stderr
+    assert "class[0](a).priority: must be an integer 1..98, got 200" in r.stderr
 
 
 def test_clone_into_a_killed_cgroup_is_detected(tmp_path):

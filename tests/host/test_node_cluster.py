@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.harness import Daemon
 from xxnode import wire
-from xxnode.cluster_client import ClusterClient
+from xxnode.cluster.client import ClusterClient
 
 # The job reports where the kernel put it and what it gave it.
 REPORT = ["/bin/sh", "-c", "cat /proc/self/cgroup; cat /proc/self/sched | grep -E '^policy|^prio'"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xxnode import wire
-from xxnode.cluster_client import ClusterClient
+from xxnode.cluster.client import ClusterClient
 
 CLASSES = ("high", "medium", "low")
 
@@ -120,7 +120,7 @@ class Cluster:
                 argv += ["--state-dir", str(self.tmp / f"shard{i}.state")]
             return argv, None
         rec = self.tmp / f"node{i}.ran"
-        argv = ["-m", "xxnode.dispatch", "--listen", f"{ip}:0"]
+        argv = ["-m", "xxnode.cluster.synthetic", "--listen", f"{ip}:0"]
         argv += ["--shards", ",".join(wire.fmt_addr(a) for a in self.shard_addrs)]
         argv += ["--key-file", str(self.key_file), "--node-id", f"node{i}"]
         argv += ["--record", str(rec), "--heartbeat", "0.2"]

@@ -1,11 +1,13 @@
 """Config files as an operator writes them: partial files, and bad values named by key."""
 
+import re
+
 import pytest
 
 from xxnode import config
 from xxnode.classes import ConfigError
-from xxnode.node.memory import MemoryConfig
-from xxnode.shard.main import load_config
+from xxnode.config import MemoryConfig
+from xxnode.config import shard as shard_config
 
 
 def test_a_partial_file_overrides_the_built_in_defaults():
@@ -48,5 +50,39 @@ def test_good_memory_values_pass():
 def test_bad_shard_values_are_refused_naming_their_key(tmp_path, text, key):
     f = tmp_path / "shard.toml"
     f.write_text(text)
-    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ":"):
-        load_config(str(f))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: {re.escape(key)}:"):
+        shard_config.load(str(f))
+
+
+def test_the_reference_page_is_generated_from_the_validators_tables():
+    from pathlib import Path
+
+    from xxnode.config import reference
+
+    page = Path(__file__).parents[2] / "docs" / "config.md"
+    assert page.read_text() == reference.render(), (
+        "run: python -m xxnode.config.reference > docs/config.md"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[memory]\ntick_s = "fast"\n', "memory.tick_s"),
+        ("[memory]\nmin_chunk = -5\n", "memory.min_chunk"),
+        ("[memory]\nmin_chunk = 100\nmax_chunk = 10\n", "memory.min_chunk"),
+        ("[node]\npids_max = 0\n", "node.pids_max"),
+        ('[node]\ncgroup_root = ""\n', "node.cgroup_root"),
+        ('[cluster]\nshards = ["nohost"]\nkey_file = "/x"\n', "cluster.shards[0]"),
+        ('[cluster]\nkey_file = "/x"\n', "cluster.shards"),
+        ("[cluster]\nshards = []\n", "cluster.shards"),
+        (
+            '[cluster]\nshards = ["127.0.0.1:1"]\nkey_file = "/nonexistent/key"\n',
+            "cluster.key_file",
+        ),
+        ('[[class]]\nname = "a"\nprice = 1\npolicy = "fifo"\n', "class[0](a).priority"),
+    ],
+)
+def test_every_section_names_the_bad_key(text, key):
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}:"):
+        config.loads(text, source="")

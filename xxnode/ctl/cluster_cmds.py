@@ -3,7 +3,7 @@
 --shard HOST:PORT[,HOST:PORT...] (or $XX_SHARDS) lists the shards, tried in order: a
 submission fails over to the next one.  --key-file (or $XX_CLUSTER_KEY_FILE, else
 /etc/xx/cluster.key) is the cluster key.  `submit --wait` stays as the job's arbiter
-until it is done and exits with its status (see xxnode.cluster_client); without
+until it is done and exits with its status (see xxnode.cluster.client); without
 --wait it prints the job id once a shard has accepted the job.
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 
 from xxnode import outcome, wire
-from xxnode.cluster_client import ClusterClient, SubmitError, key_from_env
+from xxnode.cluster.client import ClusterClient, SubmitError, key_from_env
 
 DEFAULT_KEY = "/etc/xx/cluster.key"
 

@@ -395,9 +395,9 @@ class Node:
         memory_task = self.loop.create_task(self.memory.run())
         self.dispatcher = None
         if self.cfg.cluster is not None:
-            from xxnode.node import cluster
+            from xxnode.node import executor
 
-            self.dispatcher = await cluster.start(self, self.cfg.cluster)
+            self.dispatcher = await executor.start(self, self.cfg.cluster)
             log.info("dispatcher %s serving shards %s", self.dispatcher.node_id,
                      ", ".join(self.cfg.cluster.shards))  # fmt: skip
         try:

@@ -2,7 +2,8 @@
 
     xxnode [--config FILE] [--check]
 
-Config: --config, else $XX_CONFIG, else the built-in default (xxnode/default_config.toml).
+Config: --config, else $XX_CONFIG, else the built-in default (xxnode/config/default.toml;
+every key: docs/config.md).
 SIGTERM/SIGINT stop the daemon but not the jobs: they keep running at their priorities and
 the next xxnode re-adopts them (as it does after a crash, kill -9 included).
 """
@@ -18,7 +19,6 @@ import socket
 import sys
 
 from xxnode import config
-from xxnode.classes import ConfigError
 
 log = logging.getLogger("xxnode")
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = config.load(args.config)
-    except ConfigError as e:
+    except config.ConfigError as e:
         print(f"xxnode: config: {e}", file=sys.stderr)
         return 2
     if args.check:

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from xxnode.classes import ConfigError
+from xxnode.config.memory import MemoryConfig
 from xxnode.kernel import meminfo, proc, psi
 from xxnode.kernel.cgroup import Cgroup, CgroupError
 from xxnode.policy.swap_victims import JobMemory, choose_victims
@@ -56,74 +56,6 @@ from xxnode.policy.swap_victims import JobMemory, choose_victims
 log = logging.getLogger("xxnode.memory")
 MiB = 1 << 20
 PAGE = 4096
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    target_free_fraction: float = 0.10
-    low_free_fraction: float = 0.05
-    min_chunk: int = 32 * MiB
-    max_chunk: int = 64 * MiB
-    psi_stall_us: int = 100_000
-    psi_window_us: int = 1_000_000
-    tick_s: float = 1.0
-    quiet_s: float = 5.0
-    prefetch: bool = True
-    freeze_swapped: bool = False
-    zswap_compressor: str = ""  # "" leaves the kernel's choice
-    zswap_max_pool_percent: int = 0  # 0 leaves the kernel's choice
-
-    @classmethod
-    def from_dict(cls, raw: dict, where: str = "memory") -> MemoryConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"{where}.{key}: unknown setting")
-        for key, v in raw.items():
-            _check_memory_value(f"{where}.{key}", key, v)
-        cfg = cls(**raw)
-        for name in ("target_free_fraction", "low_free_fraction"):
-            v = getattr(cfg, name)
-            if not isinstance(v, float | int) or not 0 < v < 1:
-                raise ConfigError(f"{where}.{name}: must be a fraction between 0 and 1")
-        if cfg.low_free_fraction > cfg.target_free_fraction:
-            raise ConfigError(f"{where}.low_free_fraction: must not exceed target_free_fraction")
-        if cfg.min_chunk > cfg.max_chunk:
-            raise ConfigError(f"{where}.min_chunk: must not exceed max_chunk ({cfg.max_chunk})")
-        if cfg.psi_stall_us > cfg.psi_window_us:
-            raise ConfigError(f"{where}.psi_stall_us: must not exceed psi_window_us")
-        return cfg
-
-
-# Each [memory] key's type and the least value that makes sense (None: any of the type).
-_MEMORY_KEYS: dict[str, tuple[type, float | None]] = {
-    "target_free_fraction": (float, None),  # (0, 1): checked with its partner below
-    "low_free_fraction": (float, None),
-    "min_chunk": (int, 1),
-    "max_chunk": (int, 1),
-    "psi_stall_us": (int, 1),
-    "psi_window_us": (int, 1),
-    "tick_s": (float, 0.001),
-    "quiet_s": (float, 0),
-    "prefetch": (bool, None),
-    "freeze_swapped": (bool, None),
-    "zswap_compressor": (str, None),
-    "zswap_max_pool_percent": (int, 0),
-}
-
-
-def _check_memory_value(key: str, name: str, v: object) -> None:
-    want, least = _MEMORY_KEYS[name]
-    ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
-    if want is float:
-        ok = isinstance(v, int | float) and not isinstance(v, bool)
-    if not ok:
-        what = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
-        raise ConfigError(f"{key}: must be {what[want]}, got {v!r}")
-    if least is not None and v < least:
-        raise ConfigError(f"{key}: must be >= {least:g}, got {v!r}")
-    if name == "zswap_max_pool_percent" and v > 100:
-        raise ConfigError(f"{key}: a percentage 0..100, got {v!r}")
 
 
 @dataclass(frozen=True)

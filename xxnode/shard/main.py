@@ -1,18 +1,8 @@
 """xxshard [--config FILE] [--listen HOST:PORT] [--key-file FILE] [--state-dir DIR]: one
 global-scheduler shard.
 
-Config (TOML)::
-
-    [shard]
-    listen = "127.0.0.1:7100"
-    key_file = "/etc/xx/cluster.key"   # >= 16 bytes (hex or raw), shared by the cluster
-    state_dir = "/var/lib/xx/shard"    # optional: acknowledged jobs survive a restart
-    probe_k = 2                        # machines probed when the idle list is empty
-    head_policy = "strict"             # or "aging" (xxnode.policy.multiqueue)
-    dead_after = 3.0                   # seconds of node silence before it is declared dead
-    place_timeout = 1.0
-    [[class]] ...                      # optional; default: the built-in node classes
-
+Config (TOML): a [shard] table and optional [[class]] tables (default: the built-in
+classes); every key, its default and its range: docs/config.md (xxnode/config/shard.py).
 The cluster key may also come from $XX_CLUSTER_KEY_FILE.  A mistake in the config is one
 line naming the key, exit 2.
 """
@@ -23,58 +13,18 @@ import argparse
 import gc
 import os
 import sys
-import tomllib
 
 import uvloop
 
 from xxnode import wire
-from xxnode.classes import ClassTable, ConfigError, parse_classes
-from xxnode.shard.server import Shard, ShardParams
+from xxnode.classes import ClassTable
+from xxnode.config import shard as shard_config
+from xxnode.config.shard import ShardParams
+from xxnode.schema import ConfigError
+from xxnode.shard.server import Shard
 from xxnode.shard.store import ShardStore
 
 ENV_KEY = "XX_CLUSTER_KEY_FILE"
-
-
-def default_classes() -> ClassTable:
-    from xxnode import config
-
-    return config.load(config.DEFAULT_CONFIG).classes
-
-
-def load_config(path: str | None) -> tuple[dict, ClassTable, ShardParams]:
-    data: dict = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-    unknown = set(data) - {"shard", "class"}
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown table (expected [shard], [[class]])")
-    s = dict(data.get("shard", {}))
-    classes = parse_classes(data["class"]) if "class" in data else default_classes()
-    p = ShardParams()
-    for key in ("probe_k", "head_policy", "dead_after", "place_timeout"):
-        if key in s:
-            want = type(getattr(p, key))
-            v = s.pop(key)
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            if not isinstance(v, want) or isinstance(v, bool):
-                raise ConfigError(f"shard.{key}: must be {want.__name__}, got {v!r}")
-            setattr(p, key, v)
-    if p.head_policy not in ("strict", "aging"):
-        raise ConfigError(f"shard.head_policy: 'strict' or 'aging', got {p.head_policy!r}")
-    if p.probe_k < 1:
-        raise ConfigError(f"shard.probe_k: must be >= 1, got {p.probe_k}")
-    for key in ("dead_after", "place_timeout"):  # seconds; 0 or less would never wait
-        if getattr(p, key) <= 0:
-            raise ConfigError(f"shard.{key}: must be > 0 seconds, got {getattr(p, key)!r}")
-    rest = set(s) - {"listen", "key_file", "state_dir"}
-    if rest:
-        raise ConfigError(f"shard.{sorted(rest)[0]}: unknown key")
-    return s, classes, p
 
 
 async def serve(
@@ -101,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", metavar="DIR", help="journal here: a restart loses nothing")
     args = ap.parse_args(argv)
     try:
-        s, classes, p = load_config(args.config)
-        bind = wire.parse_addr(args.listen or s.get("listen", "127.0.0.1:7100"))
-        key_file = args.key_file or s.get("key_file") or os.environ.get(ENV_KEY)
+        cfg = shard_config.load(args.config)
+        bind = wire.parse_addr(args.listen or cfg.listen)
+        key_file = args.key_file or cfg.key_file or os.environ.get(ENV_KEY)
         if not key_file:
             raise ConfigError("shard.key_file: no cluster key (--key-file or $XX_CLUSTER_KEY_FILE)")
         key = wire.load_key(key_file)
@@ -115,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         # 20 000 net allocations instead of 700.  Nothing in the hot path makes cycles.
         gc.freeze()
         gc.set_threshold(20_000, 50, 100)
-        state_dir = args.state_dir or s.get("state_dir")
-        if state_dir is not None and not isinstance(state_dir, str):
-            raise ConfigError(f"shard.state_dir: must be a path, got {state_dir!r}")
-        uvloop.run(serve(bind, key, classes, p, state_dir))
+        state_dir = args.state_dir or cfg.state_dir or None
+        uvloop.run(serve(bind, key, cfg.classes, cfg.params, state_dir))
     except (ConfigError, ValueError, OSError) as e:
         print(f"xxshard: {e}", file=sys.stderr)
         return 2

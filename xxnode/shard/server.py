@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from xxnode import wire
 from xxnode.classes import ClassTable
+from xxnode.config.shard import ShardParams
 from xxnode.policy import probe
 from xxnode.policy.idle_list import IdleList
 from xxnode.policy.multiqueue import MultiQueue
@@ -63,16 +64,6 @@ class Node:
     # the arbiter is told, and decides by its grant whether the job had started here
     unsure: dict = field(default_factory=dict)
     skip_until: float = 0.0
-
-
-@dataclass
-class ShardParams:
-    probe_k: int = 2
-    head_policy: str = "strict"
-    dead_after: float = 3.0  # seconds of silence before a node is declared dead
-    place_timeout: float = 1.0  # PLACE unanswered this long: the job goes back in queue
-    probe_timeout: float = 0.5
-    refuse_backoff: float = 0.05
 
 
 class Shard(wire.Service):

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from xxnode.schema import ConfigError
+
 GB = 1 << 30
 MB = 1 << 20
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the dotted key."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The node's side of the cluster: the dispatcher, run inside xxnode.
 
-The dispatcher (xxnode/dispatch.py) joins shard idle lists, answers probes and takes
+The dispatcher (xxnode/cluster/dispatcher.py) joins shard idle lists, answers probes and takes
 placements; here its executor is this daemon itself — a placed job is admitted like a local
 `xxctl run`, with its class's cgroup, SCHED_FIFO priority and OOM rank, and the free
 memory and job count it publishes are the memory manager's, not a guess from /proc.
@@ -8,47 +8,10 @@ memory and job count it publishes are the memory manager's, not a guess from /pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from xxnode import wire
-from xxnode.classes import ConfigError
-from xxnode.dispatch import ClusterJob, Dispatcher
+from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
+from xxnode.config import ClusterConfig
 from xxnode.node.jobs import SpecError
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    shards: tuple[str, ...]
-    key_file: str
-    listen: str = "0.0.0.0:0"
-    node_id: str = ""
-
-    @classmethod
-    def from_dict(cls, raw: dict, where: str = "cluster") -> ClusterConfig:
-        for key in raw:
-            if key not in cls.__dataclass_fields__:
-                raise ConfigError(f"{where}.{key}: unknown key")
-        shards = raw.get("shards")
-        if not isinstance(shards, list) or not shards:
-            raise ConfigError(f"{where}.shards: a non-empty list of HOST:PORT")
-        for i, s in enumerate(shards):
-            try:
-                wire.parse_addr(s)
-            except (ValueError, TypeError, AttributeError):
-                raise ConfigError(f"{where}.shards[{i}]: not HOST:PORT: {s!r}") from None
-        if not isinstance(raw.get("key_file"), str):
-            raise ConfigError(f"{where}.key_file: the cluster key file's path")
-        try:
-            wire.load_key(raw["key_file"])
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{where}.key_file: {e}") from None
-        try:
-            wire.parse_addr(raw.get("listen", cls.listen))
-        except (ValueError, TypeError, AttributeError):
-            raise ConfigError(f"{where}.listen: not HOST:PORT") from None
-        return cls(
-            tuple(shards), raw["key_file"], raw.get("listen", cls.listen), raw.get("node_id", "")
-        )
 
 
 class NodeExecutor:

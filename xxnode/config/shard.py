@@ -1,0 +1,67 @@
+"""xxshard's file: [shard] settings and optional [[class]] tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xxnode.classes import ClassTable, parse_classes
+from xxnode.config.defaults import builtin_classes, read_toml
+from xxnode.schema import ConfigError, Key, check
+
+KEYS = (
+    Key("listen", "addr", "127.0.0.1:7100", "the shard's UDP address (--listen overrides)"),
+    Key("key_file", "path", "", "the cluster key (--key-file or $XX_CLUSTER_KEY_FILE override); required by one of the three"),
+    Key("state_dir", "path", "", "journal here: acknowledged jobs survive a restart (--state-dir overrides); empty: in memory only"),
+    Key("probe_k", "int", 2, "machines probed when the idle list is empty (power of k choices)", least=1),
+    Key("head_policy", "str", "strict", "which class's queue head goes next: strictly by class, or with aging (xxnode.policy.multiqueue)", choices=("strict", "aging")),
+    Key("dead_after", "seconds", 3.0, "node silence before it is declared dead and its jobs placed again", least=0, above=True),
+    Key("place_timeout", "seconds", 1.0, "a PLACE unanswered this long puts the job back in its queue", least=0, above=True),
+)  # fmt: skip
+
+
+@dataclass
+class ShardParams:
+    probe_k: int = 2
+    head_policy: str = "strict"
+    dead_after: float = 3.0  # seconds of silence before a node is declared dead
+    place_timeout: float = 1.0  # PLACE unanswered this long: the job goes back in queue
+    probe_timeout: float = 0.5
+    refuse_backoff: float = 0.05
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    listen: str = "127.0.0.1:7100"
+    key_file: str = ""
+    state_dir: str = ""
+    classes: ClassTable = field(default_factory=builtin_classes)
+    params: ShardParams = field(default_factory=ShardParams)
+    source: str = ""
+
+
+def parse(data: object, source: str = "") -> ShardConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config: must be a table")
+    unknown = set(data) - {"shard", "class"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown table (expected [shard], [[class]])")
+    v = check("shard", KEYS, data.get("shard", {}))
+    classes = parse_classes(data["class"]) if "class" in data else builtin_classes()
+    params = ShardParams(
+        probe_k=v["probe_k"],
+        head_policy=v["head_policy"],
+        dead_after=v["dead_after"],
+        place_timeout=v["place_timeout"],
+    )
+    return ShardConfig(v["listen"], v["key_file"], v["state_dir"], classes, params, source)
+
+
+def load(path: str | None) -> ShardConfig:
+    """No file: every default, the built-in classes."""
+    if not path:
+        return ShardConfig()
+    try:
+        return parse(read_toml(path), str(path))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
