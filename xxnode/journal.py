@@ -1,13 +1,17 @@
 """A durable journal: one JSON object per line, appended, never rewritten.
 
 Every record has "ev" (what happened) and "job".  The node daemon's records
-(xxnode/node/daemon.py):
-  accepted  {job, t, spec}                   fsync'd before the client hears "accepted";
-                                             the class is spec["class"]
+(xxnode/node/daemon.py; a job's "job" is its local id, j000001...):
+  accepted  {job, t, spec[, cluster]}        fsync'd before the client hears "accepted";
+                                             the class is spec["class"]; cluster =
+                                             {job, arbiter, shard} when a shard placed it
   started   {job, t, pid, shim_pid}          not fsync'd: the state dir's shim file decides
   kill      {job, t, reason}                 fsync'd before cgroup.kill, so the reason survives
   finished  {job, t, result}                 fsync'd; billing reads these (result has class,
                                              state, cpu_ms, price and charge_uc = cpu s x price)
+Its dispatcher's (xxnode/node/executor.py; "job" is the cluster job id in hex):
+  placed    {job, t, shard, place}           fsync'd before the shard hears ACCEPT
+  done_acked / done_abandoned {job, t}       the job's DONE was acknowledged / given up
 The shard's are in xxnode/shard/store.py.
 A torn last line (crash mid-write) is skipped on replay and the next append starts a new line.
 """

@@ -694,6 +694,8 @@ class Endpoint:
 
     def close(self) -> None:
         if self.sock is not None and self.sock.fileno() >= 0:
+            if self._outq:
+                self._flush()  # replies already given (a DONE's ack) still leave
             try:
                 self.loop.remove_reader(self.sock.fileno())
             except RuntimeError:

@@ -70,7 +70,7 @@ max_running = {max_running}
         )
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float | None = None) -> Daemon:
+    def start(self, timeout: float | None = None, env: dict[str, str] | None = None) -> Daemon:
         # the VM lane imports Python over 9p under TCG: startup there takes tens of seconds
         if timeout is None:
             timeout = float(os.environ.get("XX_DAEMON_START_TIMEOUT", "180"))
@@ -90,6 +90,7 @@ max_running = {max_running}
             stdout=log,
             stderr=log,
             pass_fds=(wr,),
+            env=None if env is None else {**os.environ, **env},
         )
         log.close()
         os.close(wr)

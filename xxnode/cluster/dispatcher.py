@@ -10,7 +10,11 @@
   the shard if it did not ride inline, the job is CLAIMed from its arbiter and runs
   only if granted -- so two placements of one job (after a shard or node failure)
   never both run.  DONE, with the executor's accounting, goes to the arbiter and the
-  shard, retransmitted until acknowledged.
+  shard, retransmitted until acknowledged (or for ``deliver_for`` seconds).
+* ledger (optional): ``placed(place, shard)`` is called, and must be durable, before
+  the shard hears ACCEPT; ``settled(job, acked)`` once DONE is delivered or given up.
+  A restarted node hands the unsettled placements back through ``resume`` -- so a
+  job accepted before a crash is still run (once) and reported after it.
 
 The executor is small on purpose so the node daemon, a test or the benchmark can
 drive it: ``async run(job) -> dict`` (must hold ``status``), ``snapshot() -> (free_bytes,
@@ -40,6 +44,8 @@ class ClusterJob:
     cls: str
     spec: dict
     payload: bytes
+    arbiter: str = ""  # host:port that granted it
+    shard: str = ""  # host:port of the shard that placed it
 
 
 class Executor(Protocol):
@@ -48,6 +54,12 @@ class Executor(Protocol):
     async def run(self, job: ClusterJob) -> dict: ...
 
     def snapshot(self) -> tuple[int, int]: ...
+
+
+class Ledger(Protocol):
+    def placed(self, m: wire.Place, shard: Addr) -> None: ...
+
+    def settled(self, job: bytes, acked: bool) -> None: ...
 
 
 class Dispatcher(wire.Service):
@@ -61,8 +73,12 @@ class Dispatcher(wire.Service):
         heartbeat_s: float = 0.25,
         claim_timeout: float = 10.0,
         seed: int | None = None,
+        ledger: Ledger | None = None,
+        deliver_for: float = 600.0,
     ) -> None:
         self.node_id = node_id
+        self.ledger = ledger
+        self.deliver_for = deliver_for  # a DONE nobody acknowledges this long is given up
         self.shards = list(shards)
         self.ex = executor
         self.params = params or IdleParams()
@@ -112,6 +128,8 @@ class Dispatcher(wire.Service):
         if reason:
             self.counts["refused"] += 1
             return wire.Refuse(m.job, reason)
+        if self.ledger is not None:
+            self.ledger.placed(m, shard)
         self.jobs[m.job] = "accepted"
         while len(self.jobs) > KEEP_JOBS:
             self.jobs.popitem(last=False)
@@ -121,35 +139,53 @@ class Dispatcher(wire.Service):
         self._spawn(self._run(m, shard))
         return wire.Accept(m.job)
 
-    async def _run(self, m: wire.Place, shard: Addr) -> None:
-        arbiter = wire.parse_addr(m.arbiter) if m.arbiter else shard
-        status, result = wire.FAILED_START, {}
-        try:
-            payload = m.inline
-            if m.size > len(m.inline):
-                payload = await self.ep.fetch(shard, m.digest, m.size)
-            rep = await self.ep.request(
-                arbiter, wire.Claim(m.job, self.node_id), timeout=self.claim_timeout
-            )
-            if type(rep) is not wire.Grant or not rep.ok:
-                self.jobs[m.job] = "denied"
-                self.counts["denied"] += 1
-                status = wire.DENIED
-            else:
-                self.jobs[m.job] = "running"
-                try:
-                    result = await self.ex.run(ClusterJob(m.job, m.cls, m.spec, payload))
-                    status = int(result.get("status", 0))
-                    self.counts["ran"] += 1
-                except Exception as e:  # the executor's failure is the job's, not ours
-                    result = {"error": f"{type(e).__name__}: {e}"}
-                    self.counts["failed"] += 1
-        except (TimeoutError, wire.WireError) as e:
-            self.jobs[m.job] = "denied"
-            result = {"error": f"not started: {e}"}
-            status = wire.DENIED  # arbiter unreachable: nobody is waiting for it
+    def resume(self, m: wire.Place, shard: Addr, granted: bool) -> None:
+        """Finish a placement accepted before a restart (from the ledger); ``granted``: the
+        arbiter had granted it and the executor holds it, so it is not claimed again."""
+        self.jobs[m.job] = "running" if granted else "accepted"
+        self._spawn(self._run(m, shard, granted))
+
+    async def _run(self, m: wire.Place, shard: Addr, granted: bool = False) -> None:
+        status, result = await self._execute(m, shard, granted)
         self.jobs[m.job] = "done"
         self._kick.set()
+        await self._report(m, shard, status, result)
+
+    def _arbiter(self, m: wire.Place, shard: Addr) -> Addr:
+        return wire.parse_addr(m.arbiter) if m.arbiter else shard
+
+    async def _execute(self, m: wire.Place, shard: Addr, granted: bool) -> tuple[int, dict]:
+        """Fetch the input, claim the job from its arbiter, run it: (status, result)."""
+        arbiter = self._arbiter(m, shard)
+        try:
+            payload = m.inline
+            if m.size > len(m.inline) and not granted:  # granted: the executor has it
+                payload = await self.ep.fetch(shard, m.digest, m.size)
+            if not granted:
+                rep = await self.ep.request(
+                    arbiter, wire.Claim(m.job, self.node_id), timeout=self.claim_timeout
+                )
+                if type(rep) is not wire.Grant or not rep.ok:
+                    self.jobs[m.job] = "denied"
+                    self.counts["denied"] += 1
+                    return wire.DENIED, {}
+        except (TimeoutError, wire.WireError) as e:
+            self.jobs[m.job] = "denied"
+            return wire.DENIED, {"error": f"not started: {e}"}  # nobody is waiting for it
+        self.jobs[m.job] = "running"
+        job = ClusterJob(m.job, m.cls, m.spec, payload, wire.fmt_addr(arbiter),
+                         wire.fmt_addr(shard))  # fmt: skip
+        try:
+            result = await self.ex.run(job)
+            self.counts["ran"] += 1
+            return int(result.get("status", 0)), result
+        except Exception as e:  # the executor's failure is the job's, not ours
+            self.counts["failed"] += 1
+            return wire.FAILED_START, {"error": f"{type(e).__name__}: {e}"}
+
+    async def _report(self, m: wire.Place, shard: Addr, status: int, result: dict) -> None:
+        """DONE to the arbiter and the shard, each until it acknowledges; then settled."""
+        arbiter = self._arbiter(m, shard)
         done = wire.Done(m.job, self.node_id, status, result)
         try:
             wire.check(done)
@@ -158,13 +194,24 @@ class Dispatcher(wire.Service):
                 status = wire.FAILED_START
             done = wire.Done(m.job, self.node_id, status, {"error": f"unreportable: {e}"})
         targets = [shard] if (arbiter == shard or status == wire.DENIED) else [arbiter, shard]
-        await asyncio.gather(*(self._deliver(t, done) for t in targets))
+        acked = await asyncio.gather(*(self._deliver(t, done) for t in targets))
+        if self.ledger is not None:
+            self.ledger.settled(m.job, all(acked))
 
-    async def _deliver(self, addr: Addr, msg: Message) -> None:
-        try:
-            await self.ep.request(addr, msg, timeout=60.0)
-        except TimeoutError:
-            pass  # receiver gone for a minute: it has failed over or given up
+    async def _deliver(self, addr: Addr, msg: Message) -> bool:
+        """Retransmit until acknowledged; False if nobody answered for deliver_for seconds
+        (the receiver has failed over or given up). A shard restarting from its state dir
+        answers the retransmission once it is back."""
+        deadline = time.monotonic() + self.deliver_for
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await self.ep.request(addr, msg, timeout=min(left, 60.0))
+                return True
+            except TimeoutError:
+                continue
 
     # idle list -------------------------------------------------------------------------
     async def _loop(self) -> None:

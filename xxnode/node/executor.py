@@ -4,23 +4,83 @@ The dispatcher (xxnode/cluster/dispatcher.py) joins shard idle lists, answers pr
 placements; here its executor is this daemon itself — a placed job is admitted like a local
 `xxctl run`, with its class's cgroup, SCHED_FIFO priority and OOM rank, and the free
 memory and job count it publishes are the memory manager's, not a guess from /proc.
+
+It is also the dispatcher's ledger, in the node's journal, so the cluster's side of a job
+survives a restart of the node (records in xxnode/journal.py):
+
+  placed       fsync'd before the shard hears ACCEPT: the PLACE and the shard that sent it
+  accepted     the local job, with cluster = {job, arbiter, shard}, once the arbiter granted it
+  done_acked   every receiver acknowledged the job's DONE: nothing more is owed
+  done_abandoned  no receiver answered for the dispatcher's whole delivery horizon
+
+On restart, each placement without done_acked/done_abandoned goes back to the dispatcher: with
+no local job yet it runs from the claim on (the arbiter grants the same node again); with one
+it waits for that job (adopted or re-queued by recovery) or takes its journaled result, and
+sends DONE with it. Either way the job ran once.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import time
+
 from xxnode import wire
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
+from xxnode.node.daemon import crash_point
 from xxnode.node.jobs import SpecError
+from xxnode.node.recovery import Placement
+
+
+def place_record(m: wire.Place) -> dict:
+    return {
+        "job": m.job.hex(), "cls": m.cls, "arbiter": m.arbiter, "spec": m.spec, "size": m.size,
+        "digest": m.digest.hex(), "inline": base64.b64encode(m.inline).decode(),
+    }  # fmt: skip
+
+
+def place_from_record(r: dict) -> wire.Place:
+    return wire.Place(
+        bytes.fromhex(r["job"]), r["cls"], r["arbiter"], r["spec"], r["size"],
+        bytes.fromhex(r["digest"]), base64.b64decode(r["inline"]),
+    )  # fmt: skip
 
 
 class NodeExecutor:
-    """Runs placed jobs on this node (the Executor the dispatcher drives)."""
+    """Runs placed jobs on this node (the Executor the dispatcher drives) and keeps the
+    dispatcher's ledger in the node's journal."""
 
-    def __init__(self, node) -> None:
+    def __init__(self, node, placements: dict[str, Placement] | None = None) -> None:
         self.node = node
         self.total_bytes = node.memory.sample().total
+        self.placements = dict(placements or {})  # cluster job hex -> unsettled placement
 
+    # -- ledger -------------------------------------------------------------------------
+    def placed(self, m: wire.Place, shard: wire.Addr) -> None:
+        hexid, addr = m.job.hex(), wire.fmt_addr(shard)
+        self.placements[hexid] = Placement(place_record(m), addr)
+        self.node.journal.append(
+            {"ev": "placed", "job": hexid, "t": time.time(), "shard": addr,
+             "place": self.placements[hexid].place}, sync=True,
+        )  # fmt: skip
+        crash_point("after-place")
+
+    def settled(self, job: bytes, acked: bool) -> None:
+        hexid = job.hex()
+        self.placements.pop(hexid, None)
+        ev = "done_acked" if acked else "done_abandoned"
+        self.node.journal.append({"ev": ev, "job": hexid, "t": time.time()}, sync=True)
+
+    def unsettled(self) -> list[tuple[wire.Place, wire.Addr, bool]]:
+        """(PLACE, shard, granted) of every placement a restart left unreported; granted:
+        we had admitted it, so the arbiter had granted it to us."""
+        return [
+            (place_from_record(p.place), wire.parse_addr(p.shard), p.local is not None)
+            for p in self.placements.values()
+        ]
+
+    # -- executor -----------------------------------------------------------------------
     def snapshot(self) -> tuple[int, int]:
         s = self.node.memory.last or self.node.memory.sample()
         return s.available, sum(1 for j in self.node.jobs.values() if j.state == "running")
@@ -43,31 +103,46 @@ class NodeExecutor:
         return None
 
     async def run(self, job: ClusterJob) -> dict:
-        import base64
-
+        p = self.placements.get(job.id.hex())
+        if p is not None and p.result is not None:  # finished before a restart
+            return self._reported(p.local, p.result)
+        if p is not None and p.local is not None:  # adopted or re-queued by recovery
+            res = await self.node.wait(p.local)
+            if res is None:
+                return {"status": wire.FAILED_START, "error": f"job {p.local} lost on restart"}
+            return self._reported(p.local, res)
         req = {"class": job.cls, "argv": job.spec.get("argv", [])}
         for k in ("env", "cwd", "timeout"):
             if k in job.spec:
                 req[k] = job.spec[k]
         if job.payload:
             req["stdin"] = base64.b64encode(job.payload).decode()
+        cluster = {"job": job.id.hex(), "arbiter": job.arbiter, "shard": job.shard}
         try:
-            local = self.node.submit(req)
+            local = self.node.submit(req, cluster=cluster)
         except SpecError as e:
             return {"status": wire.FAILED_START, "error": f"job refused: {e}"}
-        res = dict(await self.node.wait(local.id))
+        if p is not None:
+            p.local = local.id
+        return self._reported(local.id, await self.node.wait(local.id))
+
+    def _reported(self, local: str, res: dict) -> dict:
+        res = dict(res)
         code, sig = res.get("exit_code"), res.get("signal")
         res["status"] = code if code is not None else (128 + sig if sig else wire.FAILED_START)
-        res["stdout"] = self.node.read_output(local.id, "stdout", 4096)
+        res["stdout"] = self.node.read_output(local, "stdout", 4096)
         return res
 
 
-async def start(node, cfg: ClusterConfig) -> Dispatcher:
+async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> Dispatcher:
     key = wire.load_key(cfg.key_file)
-    node_id = cfg.node_id or f"{__import__('os').uname().nodename}-{node.root.path.name}"
-    d = Dispatcher(node_id, [wire.parse_addr(s) for s in cfg.shards], NodeExecutor(node))
+    node_id = cfg.node_id or f"{os.uname().nodename}-{node.host.root.path.name}"
+    ex = NodeExecutor(node, placements)
+    d = Dispatcher(node_id, [wire.parse_addr(s) for s in cfg.shards], ex, ledger=ex)
     try:
         await d.start(wire.parse_addr(cfg.listen), wire.Codec(key))
     except OSError as e:
         raise RuntimeError(f"cluster.listen {cfg.listen}: {e.strerror}") from None
+    for m, shard, granted in ex.unsettled():
+        d.resume(m, shard, granted)
     return d

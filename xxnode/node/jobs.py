@@ -123,6 +123,7 @@ class Job:
     kill_reason: str | None = None
     result: dict | None = None
     waiters: list = field(default_factory=list)
+    cluster: dict | None = None  # {job, arbiter, shard} when a shard placed it (journaled)
 
     def summary(self) -> dict:
         return {

@@ -80,6 +80,7 @@ class JobSample:
     cpu_usec: int
     running: bool
     started_at: float
+    leaf: Cgroup | None = None  # where to act on it (None in pure decision tests)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class MemoryManager:
         self.last: Sample | None = None
         self._cpu_seen: dict[str, int] = {}
         self._adjusted: set[int] = set()
-        self._frozen: set[str] = set()
+        self._frozen: dict[str, Cgroup] = {}  # job id -> its frozen leaf
         self._last_pressure = float("-inf")
         self._wake: asyncio.Event | None = None
         self._psi_at: float | None = None  # first PSI event since the last step, for reaction
@@ -258,6 +259,7 @@ class MemoryManager:
                     cpu,
                     running,
                     ref.started_at,
+                    ref.leaf,
                 )  # fmt: skip
             )
         self._cpu_seen = seen
@@ -296,7 +298,7 @@ class MemoryManager:
     # -- acting ------------------------------------------------------------------------
     def reclaim(self, job: JobSample, nbytes: int, cause: str, woke_at: float | None) -> int:
         """Push up to `nbytes` of one job out; returns what the kernel took."""
-        leaf = self.root.child(job.cls).child(job.job_id)
+        leaf = job.leaf
         t0 = time.monotonic()
         # pgsteal counts pages the kernel took from this cgroup; memory.current would also
         # move with the job's own faults and with zswap's compressed pool.
@@ -331,17 +333,15 @@ class MemoryManager:
             # ran; frozen, it waits (as a preempted job would) until the pressure is over.
             with contextlib.suppress(CgroupError):
                 leaf.freeze(True)
-                self._frozen.add(job.job_id)
+                self._frozen[job.job_id] = leaf
         return ev.reclaimed
 
     def thaw(self) -> None:
-        for jid in list(self._frozen):
-            for cls in self.ranks:
-                leaf = self.root.child(cls).child(jid)
-                if leaf.exists():
-                    with contextlib.suppress(CgroupError):
-                        leaf.freeze(False)
-            self._frozen.discard(jid)
+        for jid, leaf in list(self._frozen.items()):
+            if leaf.exists():
+                with contextlib.suppress(CgroupError):
+                    leaf.freeze(False)
+            del self._frozen[jid]
 
     def prefetch(self, s: Sample) -> int:
         """Swap jobs back in, highest class first, while headroom above target lasts."""
@@ -352,8 +352,7 @@ class MemoryManager:
                 break
             if j.swap <= 0 or j.swap > headroom:
                 continue
-            leaf = self.root.child(j.cls).child(j.job_id)
-            for pid in leaf.procs():
+            for pid in j.leaf.procs():
                 with contextlib.suppress(OSError):
                     proc.prefetch(pid)
             self.stats.prefetched_by_class[j.cls] = (
