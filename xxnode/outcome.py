@@ -72,3 +72,14 @@ def words(res: dict) -> str:
     if isinstance(st, int) and st > 128:
         return f"killed by {_signame(st - 128)}"
     return f"exit code {st}" + (f" ({err})" if err else "")
+
+
+def dropped(res: dict) -> str:
+    """Every truncation of the job's output, said: 'stdout: 98 951 424 bytes dropped'
+    ('' when nothing was)."""
+    parts = []
+    for stream in ("stdout", "stderr"):
+        n = res.get(f"{stream}_dropped") or 0
+        if n:
+            parts.append(f"{stream}: {n:,} bytes dropped".replace(",", " "))
+    return ", ".join(parts)

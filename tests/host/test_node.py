@@ -204,6 +204,9 @@ def test_output_is_captured_with_a_limit(tmp_path):
         res = fin["result"]
         assert res["stdout_bytes"] == 1000 and res["stdout_dropped"] == 99000
         assert fin["stdout"] == "x" * 1000 and fin["stderr"] == "err\n"
+        r = xxctl(d, "run", "--class", "high", "--", "sh", "-c", "head -c 100000 /dev/zero")
+        assert r.returncode == 0 and len(r.stdout) == 1000
+        assert "stdout: 99 000 bytes dropped" in r.stderr, r.stderr  # said, not silent
 
 
 def test_stdin_env_and_cwd_reach_the_job(daemon, gate_dir):

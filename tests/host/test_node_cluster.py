@@ -5,12 +5,16 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.support.harness import Daemon
 from xxnode import wire
 from xxnode.cluster.client import ClusterClient
+
+OUTPUT_LIMIT = 4 << 20
+XXCTL = str(Path(sys.executable).with_name("xxctl"))
 
 # The job reports where the kernel put it and what it gave it.
 REPORT = ["/bin/sh", "-c", "cat /proc/self/cgroup; cat /proc/self/sched | grep -E '^policy|^prio'"]
@@ -30,18 +34,19 @@ def cluster(tmp_path):
     addr = line.split()[-1]
     node = Daemon(
         tmp_path / "node",
-        extra=f'[cluster]\nshards = ["{addr}"]\nkey_file = "{kf}"\nlisten = "127.0.0.1:0"\n'
+        extra=f"output_limit = {OUTPUT_LIMIT}\n"
+        f'[cluster]\nshards = ["{addr}"]\nkey_file = "{kf}"\nlisten = "127.0.0.1:0"\n'
         f'node_id = "n1"\n',
     )
     node.start()
-    yield node, [wire.parse_addr(addr)], wire.load_key(kf)
+    yield node, [wire.parse_addr(addr)], wire.load_key(kf), addr, kf
     node.cleanup()
     shard.kill()
     shard.wait()
     shard.stdout.close()
 
 
-async def _submit(shards, key, cls):
+async def _submit(shards, key, cls, argv):
     async with ClusterClient(shards, key) as c:
         for _ in range(200):  # the node's first heartbeat reaches the shard
             rows = await c.status("nodes")
@@ -50,12 +55,12 @@ async def _submit(shards, key, cls):
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the node never registered with the shard")
-        return await c.run(cls, {"argv": REPORT, "timeout": 30}, timeout=60)
+        return await c.run(cls, {"argv": argv, "timeout": 30}, timeout=60)
 
 
 def test_a_placed_job_runs_in_its_class_cgroup_at_its_class_priority(cluster):
-    node, shards, key = cluster
-    res = asyncio.run(_submit(shards, key, "high"))
+    node, shards, key, _, _ = cluster
+    res = asyncio.run(_submit(shards, key, "high", REPORT))
     assert res["status"] == 0, res
     out = res["stdout"]
     assert f"/{node.name}/high/" in out  # the node's own cgroup tree, class high
@@ -73,3 +78,30 @@ def test_bad_cluster_config_names_the_key(tmp_path):
     assert r.returncode == 2
     assert "cluster.shards[0]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_both_streams_come_back_whole_past_a_datagram(cluster):
+    """3 MB of stdout and a line of stderr: more than a DONE datagram holds, so the
+    submitter pulls them from the node by digest, byte for byte."""
+    node, shards, key, _, _ = cluster
+    argv = ["/bin/sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo oops >&2"]
+    res = asyncio.run(_submit(shards, key, "low", argv))
+    assert res["status"] == 0, {k: v for k, v in res.items() if k not in ("stdout",)}
+    assert res["stdout"] == "x" * 3_000_000
+    assert res["stderr"] == "oops\n"
+    assert not res.get("stdout_dropped") and not res.get("stderr_dropped")
+
+
+def test_submit_wait_says_what_the_node_cut(cluster):
+    node, _, _, addr, kf = cluster
+    asyncio.run(_submit(*cluster[1:3], "low", ["true"]))  # the node has registered
+    r = subprocess.run(
+        [XXCTL, "submit", "--wait", "--shard", addr, "--key-file", str(kf), "--class", "low",
+         "--", "/bin/sh", "-c", "head -c 5000000 /dev/zero; echo oops >&2"],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == OUTPUT_LIMIT
+    dropped = f"{5_000_000 - OUTPUT_LIMIT:,}".replace(",", " ")
+    assert f"stdout: {dropped} bytes dropped".encode() in r.stderr, r.stderr
+    assert r.stderr.startswith(b"oops\n")

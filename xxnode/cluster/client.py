@@ -19,6 +19,8 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
+
 from xxnode import wire
 from xxnode.wire import Addr, Message
 
@@ -95,9 +97,12 @@ class ClusterClient:
             self.grants_denied += not ok
             return wire.Grant(msg.job, ok)
         if kind is wire.Done:
-            if p is not None and p.result is None and msg.status != wire.DENIED:
-                p.result = {"status": msg.status, "node": msg.node, **msg.result}
-                p.done.set()
+            if p is None or p.result is not None or msg.status == wire.DENIED:
+                return None
+            if "output" in msg.result:  # acknowledged once its output is here
+                return self._done_with_output(p, msg, addr)
+            p.result = {"status": msg.status, "node": msg.node, **msg.result}
+            p.done.set()
             return None
         if kind is wire.NodeLost:
             if p is not None and p.result is None and p.granted == msg.node:
@@ -105,6 +110,24 @@ class ClusterClient:
                 p.done.set()
             return None
         return wire.Error(f"client does not take {msg.kind}")
+
+    async def _done_with_output(self, p: _Pending, msg: wire.Done, addr: Addr) -> None:
+        """Pull the streams a DONE too big for a datagram left at the node, by digest."""
+        ref = msg.result.get("output") or {}
+        res = {k: v for k, v in msg.result.items() if k != "output"}
+        try:
+            size = int(ref["size"])
+            if not 0 < size <= wire.MAX_PAYLOAD:
+                raise ValueError(f"output size {size}")
+            blob = await self.ep.fetch(addr, bytes.fromhex(ref["digest"]), size)
+            streams = msgspec.msgpack.decode(blob, type=dict[str, str])
+            res.update({k: v for k, v in streams.items() if k in ("stdout", "stderr")})
+        except (KeyError, ValueError, TypeError, TimeoutError, wire.WireError,
+                msgspec.DecodeError) as e:  # fmt: skip
+            res["error"] = f"output not retrieved from {msg.node}: {e}"
+        if p.result is None:
+            p.result = {"status": msg.status, "node": msg.node, **res}
+            p.done.set()
 
     # submission --------------------------------------------------------------------------
     async def submit(

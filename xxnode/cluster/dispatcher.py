@@ -30,12 +30,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import msgspec
+
 from xxnode import wire
 from xxnode.policy.dispatcher import JOIN, LEAVE, UPDATE, IdleParams, Listing, choose_shard
 from xxnode.policy.dispatcher import idle_action as _idle_action
 from xxnode.wire import Addr, Message
 
 KEEP_JOBS = 100_000
+OUTPUT_FIELDS = ("stdout", "stderr")  # what a big DONE carries as a payload
 
 
 @dataclass(slots=True)
@@ -184,9 +187,17 @@ class Dispatcher(wire.Service):
             return wire.FAILED_START, {"error": f"{type(e).__name__}: {e}"}
 
     async def _report(self, m: wire.Place, shard: Addr, status: int, result: dict) -> None:
-        """DONE to the arbiter and the shard, each until it acknowledges; then settled."""
+        """DONE to the arbiter and the shard, each until it acknowledges; then settled.
+        Output that does not fit a datagram rides as a payload the receivers pull by
+        digest (``result["output"] = {digest, size}``), as inputs do."""
         arbiter = self._arbiter(m, shard)
+        blob_digest = None
         done = wire.Done(m.job, self.node_id, status, result)
+        try:
+            wire.check(done)
+        except ValueError:
+            result, blob_digest = self._output_aside(result)
+            done = wire.Done(m.job, self.node_id, status, result)
         try:
             wire.check(done)
         except ValueError as e:  # the job is still reported, without its accounting
@@ -194,9 +205,26 @@ class Dispatcher(wire.Service):
                 status = wire.FAILED_START
             done = wire.Done(m.job, self.node_id, status, {"error": f"unreportable: {e}"})
         targets = [shard] if (arbiter == shard or status == wire.DENIED) else [arbiter, shard]
-        acked = await asyncio.gather(*(self._deliver(t, done) for t in targets))
+        try:
+            acked = await asyncio.gather(*(self._deliver(t, done) for t in targets))
+        finally:
+            if blob_digest is not None:
+                self.ep.payloads.pop(blob_digest, None)
         if self.ledger is not None:
             self.ledger.settled(m.job, all(acked))
+
+    def _output_aside(self, result: dict) -> tuple[dict, bytes | None]:
+        streams = {k: result[k] for k in OUTPUT_FIELDS if isinstance(result.get(k), str)}
+        if not streams:
+            return result, None
+        blob = msgspec.msgpack.encode(streams)
+        if len(blob) > wire.MAX_PAYLOAD:
+            return result, None  # the executor should have cut it; reported without it
+        dig = wire.digest(blob)
+        self.ep.payloads[dig] = blob
+        rest = {k: v for k, v in result.items() if k not in streams}
+        rest["output"] = {"digest": dig.hex(), "size": len(blob)}
+        return rest, dig
 
     async def _deliver(self, addr: Addr, msg: Message) -> bool:
         """Retransmit until acknowledged; False if nobody answered for deliver_for seconds

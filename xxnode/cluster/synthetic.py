@@ -15,6 +15,8 @@ import time
 from xxnode import wire
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 
+OUTPUT_KEEP = 1 << 20  # per stream, as a node's default output_limit
+
 
 class SyntheticExecutor:
     """A stand-in machine for tests and the benchmark: each job holds ``per_job_bytes``
@@ -90,11 +92,17 @@ class SyntheticExecutor:
                     *argv,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
                 )
-                out, _ = await p.communicate(job.payload)
+                out, err = await p.communicate(job.payload)
                 status = p.returncode
-                extra = {"stdout": out[:4096].decode(errors="replace")}
+                keep = OUTPUT_KEEP
+                extra = {
+                    "stdout": out[:keep].decode(errors="replace"),
+                    "stderr": err[:keep].decode(errors="replace"),
+                    "stdout_dropped": max(len(out) - keep, 0),
+                    "stderr_dropped": max(len(err) - keep, 0),
+                }
             else:
                 await asyncio.sleep(float(job.spec.get("sleep", 0.0)))
                 status = 0

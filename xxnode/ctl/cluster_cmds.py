@@ -91,8 +91,11 @@ async def cmd_submit(args) -> int:
     else:
         sys.stdout.write(res.get("stdout", ""))
         sys.stdout.flush()
+        sys.stderr.write(res.get("stderr", ""))
         if outcome.exit_status(res) != 0 or res.get("error"):
             print(f"xxctl submit: {jid.hex()} {outcome.words(res)}", file=sys.stderr)
+        if lost := outcome.dropped(res):
+            print(f"xxctl submit: {jid.hex()} output cut: {lost}", file=sys.stderr)
     return outcome.exit_status(res)
 
 

@@ -336,6 +336,8 @@ def cmd_run(args) -> int:
             f"queued {res['queued_ms']:.1f} ms, wall {res['wall_ms']:.1f} ms, cpu {res['cpu_ms']:.1f} ms",
             file=sys.stderr,
         )
+        if lost := outcome.dropped(res):
+            print(f"  output cut at the node's output_limit: {lost}", file=sys.stderr)
     return outcome.exit_status(res)
 
 

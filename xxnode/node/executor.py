@@ -25,12 +25,16 @@ import base64
 import os
 import time
 
+import msgspec
+
 from xxnode import wire
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
 from xxnode.node.daemon import crash_point
 from xxnode.node.jobs import SpecError
 from xxnode.node.recovery import Placement
+
+OUTPUT_BUDGET = wire.MAX_PAYLOAD - 4096  # both streams, as the DONE's payload carries them
 
 
 def place_record(m: wire.Place) -> dict:
@@ -127,11 +131,32 @@ class NodeExecutor:
         return self._reported(local.id, await self.node.wait(local.id))
 
     def _reported(self, local: str, res: dict) -> dict:
+        """The result a DONE carries: the node's record, the cluster status, and both
+        streams up to the node's output_limit — cut further, and counted as dropped, only
+        where the two together would pass what a DONE can carry (MAX_PAYLOAD)."""
         res = dict(res)
         code, sig = res.get("exit_code"), res.get("signal")
         res["status"] = code if code is not None else (128 + sig if sig else wire.FAILED_START)
-        res["stdout"] = self.node.read_output(local, "stdout", 4096)
+        lim = self.node.cfg.output_limit
+        raw = {s: self._read(local, s, lim) for s in ("stdout", "stderr")}
+        while True:
+            text = {s: b.decode(errors="replace") for s, b in raw.items()}
+            over = len(msgspec.msgpack.encode(text)) - OUTPUT_BUDGET
+            if over <= 0:
+                break
+            longest = max(raw, key=lambda s: len(raw[s]))
+            cut = min(len(raw[longest]), over + 16)
+            raw[longest] = raw[longest][: len(raw[longest]) - cut]
+            res[f"{longest}_dropped"] = res.get(f"{longest}_dropped", 0) + cut
+        res.update(text)
         return res
+
+    def _read(self, local: str, stream: str, limit: int) -> bytes:
+        try:
+            with open(self.node.host.job_dir(local) / stream, "rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
 
 
 async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> Dispatcher:
