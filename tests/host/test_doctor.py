@@ -27,7 +27,7 @@ def test_doctor_json_names_every_capability(doctor):
     caps = json.loads(proc.stdout)["capabilities"]
     names = [c["name"] for c in caps]
     for name in ("cgroup2", "cgroup2.memory", "cgroup2.cpu", "cgroup2.pids", "sched_fifo",
-                 "rt_throttling", "psi", "psi_trigger", "bpf", "btf", "swap", "zswap",
+                 "clone3", "rt_throttling", "psi", "psi_trigger", "bpf", "btf", "swap", "zswap",
                  "memory_reclaim"):  # fmt: skip
         assert name in names
     for c in caps:
@@ -50,8 +50,9 @@ def test_doctor_matches_what_this_kernel_really_has(doctor):
         has_swap = len(f.read().splitlines()) > 1
     assert caps["swap"] == has_swap
     assert caps["memory_reclaim"] <= caps["cgroup2.memory"]
-    # SCHED_FIFO works for root on every machine of our kind.
+    # SCHED_FIFO and the launcher work for root on every machine of our kind.
     assert caps["sched_fifo"]
+    assert caps["clone3"]
 
 
 def test_doctor_leaves_no_cgroup_behind(doctor):

@@ -6,17 +6,17 @@ import asyncio
 import os
 
 from xxnode import wire
-from xxnode.shard.server import Job
+from xxnode.shard.records import QueuedJob
 from xxnode.shard.store import JOURNAL, ShardStore
 
 
-def _job(size: int = 0, arbiter: str = "") -> tuple[Job, bytes]:
+def _job(size: int = 0, arbiter: str = "") -> tuple[QueuedJob, bytes]:
     payload = os.urandom(size)
     inline = payload if size <= wire.INLINE_MAX else b""
     jid = os.urandom(16)
     dig = wire.digest(payload)
     place = wire.Place(jid, "high", arbiter, {"argv": ["true"]}, size, dig, inline)
-    return Job(jid, "high", place, 0.0), payload
+    return QueuedJob(jid, "high", place, 0.0), payload
 
 
 def test_committed_records_come_back_and_the_journal_is_compacted(tmp_path):

@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from xxnode.kernel import psi
+from xxnode.kernel.capabilities import parked
 from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
-from xxnode.kernel.probe import parked
 
 MiB = 1 << 20
 ROOT = Cgroup(find_cgroup2_mount())

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
+from xxnode.kernel.capabilities import probe_all
 from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
-from xxnode.kernel.probe import probe_all
 
 
 def delegation_note(offered: set[str], subtree: set[str]) -> str | None:

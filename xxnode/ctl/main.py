@@ -1,5 +1,5 @@
 """xxctl: inspection and submission. Each command group lives in its own module beside this
-one and adds its subcommands through `register(subparsers)`; this file only dispatches."""
+one and adds its subcommands through `register(subparsers)`; this file only routes to them."""
 
 from __future__ import annotations
 

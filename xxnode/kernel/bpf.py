@@ -13,6 +13,10 @@ Degrading: a hook whose tracepoint or function is missing from this kernel's BTF
 the verifier refuses, is left out and named in `MemWatch.missing`; the rest still attach.
 When nothing can load (no libbpf, no object, no BTF, no privilege) `MemWatch.open` raises
 `BpfUnavailable(reason)` and the daemon runs on PSI and cgroup files alone (mode `no-ebpf`).
+
+Why one module of ~440 lines: it is one kernel interface (DESIGN.md: one place per
+interface) -- the cffi declarations of the libbpf calls we make, the loader and the map
+reader change together whenever the object's maps or hooks do.
 """
 
 from __future__ import annotations

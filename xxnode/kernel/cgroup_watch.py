@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,20 @@ class PopulatedWatcher:
         except FileNotFoundError:
             callback()  # no cgroup, no processes
             return
-        self._ep.register(fd, select.EPOLLPRI)
+        try:
+            self._ep.register(fd, select.EPOLLPRI)
+        except PermissionError:  # a regular file, not kernfs (a fake tree): it never notifies
+            populated = _populated(fd)
+            os.close(fd)
+            if not populated:
+                callback()
+            return
         self._watches[fd] = (cg.path, callback)
         if not _populated(fd):
             self._fire(fd)
+
+    def watching(self, cg: Cgroup) -> bool:
+        return any(path == cg.path for path, _ in self._watches.values())
 
     def _fire(self, fd: int) -> None:
         _, callback = self._watches.pop(fd)
@@ -50,7 +61,7 @@ class PopulatedWatcher:
         os.close(fd)
         callback()
 
-    def dispatch(self) -> None:
+    def handle_ready(self) -> None:
         """Handle ready watches; call when fileno() is readable."""
         for fd, _ in self._ep.poll(0):
             if fd in self._watches and not _populated(fd):
@@ -61,12 +72,12 @@ class PopulatedWatcher:
         done: list[bool] = []
         self.watch(cg, lambda: done.append(True))
         deadline = None if timeout is None else _now() + timeout
-        while not done:
+        while not done and self.watching(cg):
             left = None if deadline is None else max(0.0, deadline - _now())
             if left == 0.0:
                 break
             if self._ep.poll(left):
-                self.dispatch()
+                self.handle_ready()
         if not done:
             for fd, (path, _) in list(self._watches.items()):
                 if path == cg.path:
@@ -84,6 +95,4 @@ class PopulatedWatcher:
 
 
 def _now() -> float:
-    import time
-
     return time.monotonic()

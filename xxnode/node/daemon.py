@@ -93,7 +93,7 @@ class Node:
     async def run(self, server_factory) -> None:
         self.loop = asyncio.get_running_loop()
         watcher = self.host.watcher
-        self.loop.add_reader(watcher.fileno(), watcher.dispatch)
+        self.loop.add_reader(watcher.fileno(), watcher.handle_ready)
         rec, self.recovered = self.recovered, recovery.Recovered()
         for job in rec.watch:
             self.loop.add_reader(job.shim_pidfd, self._on_shim_exit, job)

@@ -32,6 +32,10 @@ Constants, each with its reason:
   freeze_swapped  off by default; when on, a job we reclaim from is frozen (cgroup.freeze)
                 until quiet_s has passed, so it cannot fault its pages back meanwhile —
                 tools/bench_memory --active measures whether that helps.
+
+Why one module of ~500 lines: the sample, the reclaim worker thread and the prefetch share
+one lock and one view of the jobs (a split would pass that lock around); whom to push out
+is decided elsewhere, in the pure ``policy.swap_victims`` the simulator runs too.
 """
 
 from __future__ import annotations

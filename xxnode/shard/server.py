@@ -14,6 +14,11 @@ the shell around them -- sockets, timers, retransmission, failure handling:
   node only runs a job the arbiter granted to it, a started job is never run twice.
 * CLAIM (when the submitter left arbitration to us): the first node to claim a job
   gets it; any other is denied.
+
+Why one class of ~550 lines: admission, placement and failure handling all move the same
+job and node tables (``shard/records.py``) and the in-flight count, on one event loop; the
+decisions themselves are pure functions in ``xxnode.policy``, and durability is
+``shard/store.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from xxnode import wire
 from xxnode.classes import ClassTable
@@ -31,39 +35,14 @@ from xxnode.config.shard import ShardParams
 from xxnode.policy import probe
 from xxnode.policy.idle_list import IdleList
 from xxnode.policy.multiqueue import MultiQueue
+from xxnode.shard.records import NodeRecord, QueuedJob
 from xxnode.shard.store import ShardStore
 from xxnode.wire import Addr, Message
 
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
 STATUS_PAGE = 40  # rows per STATUS reply: ~5 KB, well inside a datagram
-KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see Node.unsure)
-
-
-@dataclass(slots=True)
-class Job:
-    id: bytes
-    cls: str
-    place: wire.Place  # what every placement attempt sends; arbiter "" = this shard
-    t_enq: float
-    state: str = "queued"  # queued | placing | placed
-    node: str | None = None
-
-
-@dataclass(slots=True)
-class Node:
-    id: str
-    addr: Addr
-    last_seen: float
-    free: int = 0
-    total: int = 0
-    jobs: int = 0
-    placed: set = field(default_factory=set)  # unfinished job ids placed here
-    # job id -> arbiter, for PLACEs here that timed out: the node may have taken the job
-    # all the same (its ACCEPT lost), claimed it and be running it; if the node dies,
-    # the arbiter is told, and decides by its grant whether the job had started here
-    unsure: dict = field(default_factory=dict)
-    skip_until: float = 0.0
+KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see NodeRecord.unsure)
 
 
 class Shard(wire.Service):
@@ -84,8 +63,8 @@ class Shard(wire.Service):
         self.rng = random.Random(seed)
         self.mq = MultiQueue(classes.ranks(), self.p.head_policy)
         self.idle = IdleList()
-        self.jobs: dict[bytes, Job] = {}
-        self.nodes: dict[str, Node] = {}
+        self.jobs: dict[bytes, QueuedJob] = {}
+        self.nodes: dict[str, NodeRecord] = {}
         self.finished: OrderedDict[bytes, int] = OrderedDict()
         self.grants: dict[bytes, str] = {}
         self.counts: dict[str, int] = dict.fromkeys(
@@ -145,13 +124,13 @@ class Shard(wire.Service):
             place = wire.Place(jid, rec["cls"], rec["arbiter"], rec["spec"], size, dig, inline)
             if size > len(inline):
                 self.ep.payloads[dig] = self.store.payload(dig)
-            job = self.jobs[jid] = Job(jid, rec["cls"], place, now)
+            job = self.jobs[jid] = QueuedJob(jid, rec["cls"], place, now)
             holder = r.grants.get(jid)
             if holder:
                 self.grants[jid] = holder
                 n = self.nodes.get(holder)
                 if n is None:  # where it is comes with its HELLO; silence makes it dead
-                    n = self.nodes[holder] = Node(holder, ("0.0.0.0", 0), now)
+                    n = self.nodes[holder] = NodeRecord(holder, ("0.0.0.0", 0), now)
                     n.skip_until = now + self.p.dead_after  # nothing to probe there yet
                 job.state, job.node = "placed", holder
                 n.placed.add(jid)
@@ -196,19 +175,19 @@ class Shard(wire.Service):
         arbiter = wire.fmt_addr(addr) if m.arbiter == "@" else m.arbiter
         inline = payload if m.size <= wire.INLINE_MAX else b""
         place = wire.Place(m.job, m.cls, arbiter, m.spec, m.size, m.digest, inline)
-        job = Job(m.job, m.cls, place, self.clock())
+        job = QueuedJob(m.job, m.cls, place, self.clock())
         if self.store is None:
             self._enqueue(job, payload)
             return _ack(m.job, True, "")
         return self._admit_durable(job, payload)
 
-    async def _admit_durable(self, job: Job, payload: bytes) -> Message:
+    async def _admit_durable(self, job: QueuedJob, payload: bytes) -> Message:
         await self.store.submitted(job, payload)
         if job.id not in self.jobs and job.id not in self.finished:
             self._enqueue(job, payload)
         return _ack(job.id, True, "")
 
-    def _enqueue(self, job: Job, payload: bytes) -> None:
+    def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
         if job.place.size > wire.INLINE_MAX:
             self.ep.payloads[job.place.digest] = payload  # served to the node's FETCH
         self.jobs[job.id] = job
@@ -233,11 +212,11 @@ class Shard(wire.Service):
             self._kick()
         return None
 
-    def _node(self, node_id: str, addr: Addr) -> Node:
+    def _node(self, node_id: str, addr: Addr) -> NodeRecord:
         now = self.clock()
         n = self.nodes.get(node_id)
         if n is None:
-            n = self.nodes[node_id] = Node(node_id, addr, now)
+            n = self.nodes[node_id] = NodeRecord(node_id, addr, now)
         n.addr, n.last_seen = addr, now
         return n
 
@@ -386,7 +365,7 @@ class Shard(wire.Service):
             return None if best is None else best[0]
         return t
 
-    def _probe_candidates(self, now: float) -> list[Node]:
+    def _probe_candidates(self, now: float) -> list[NodeRecord]:
         return [n for n in self.nodes.values() if n.skip_until <= now]
 
     async def _probe(self) -> str | None:
@@ -406,7 +385,7 @@ class Shard(wire.Service):
             return None
         return probe.least_loaded(list(loads), loads.__getitem__)
 
-    async def _place(self, job: Job) -> None:
+    async def _place(self, job: QueuedJob) -> None:
         """Placement by probing (the idle list was empty): k nodes probed, least loaded."""
         try:
             target = await self._probe()
@@ -423,7 +402,7 @@ class Shard(wire.Service):
             return
         self._send_place(job, n)
 
-    def _send_place(self, job: Job, n: Node) -> None:
+    def _send_place(self, job: QueuedJob, n: NodeRecord) -> None:
         """PLACE, retransmitted until the node answers; ``_placed`` takes the outcome."""
         self.ep.call(
             n.addr,
@@ -432,7 +411,9 @@ class Shard(wire.Service):
             timeout=self.p.place_timeout,
         )
 
-    def _placed(self, job: Job, n: Node, rep: Message | None, exc: BaseException | None) -> None:
+    def _placed(
+        self, job: QueuedJob, n: NodeRecord, rep: Message | None, exc: BaseException | None
+    ) -> None:
         try:
             if isinstance(exc, TimeoutError):
                 self.counts["place_timeouts"] += 1
@@ -463,7 +444,7 @@ class Shard(wire.Service):
             self._inflight -= 1
             self._kick()
 
-    def _requeue(self, job: Job, refusing: Node | None) -> None:
+    def _requeue(self, job: QueuedJob, refusing: NodeRecord | None) -> None:
         """Back into its class queue with its original enqueue time."""
         if self.jobs.get(job.id) is not job:
             return
@@ -475,13 +456,13 @@ class Shard(wire.Service):
         self.mq.push(job.id, job.cls, job.t_enq)
         self.counts["requeued"] += 1
 
-    def _unplace(self, job: Job) -> None:
+    def _unplace(self, job: QueuedJob) -> None:
         n = self.nodes.get(job.node) if job.node else None
         if n is not None:
             n.placed.discard(job.id)
             n.jobs = max(0, n.jobs - 1)
 
-    def _finish(self, job: Job, status: int) -> None:
+    def _finish(self, job: QueuedJob, status: int) -> None:
         self.jobs.pop(job.id, None)
         self.grants.pop(job.id, None)
         dig = job.place.digest
@@ -509,7 +490,7 @@ class Shard(wire.Service):
             for n in [n for n in self.nodes.values() if now - n.last_seen > self.p.dead_after]:
                 self._node_lost(n)
 
-    def _node_lost(self, n: Node) -> None:
+    def _node_lost(self, n: NodeRecord) -> None:
         """Re-place the dead node's unfinished jobs; the arbiter decides whether each had
         started (granted) -- those are reported failed (NODE_LOST), never run again."""
         del self.nodes[n.id]

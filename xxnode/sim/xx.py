@@ -29,7 +29,9 @@ from .workload import offered_load, plan, window
 FINISH, TICK, SHARD_DONE = 0, 1, 2
 
 
-class Job:
+class SimJob:
+    """One simulated invocation, mutable as the event loop moves it (slots: millions of them)."""
+
     __slots__ = (
         "id",
         "rank",
@@ -244,7 +246,7 @@ def run(cfg: Config) -> Result:
         if nxt is not None and (not heap or nxt[0] <= heap[0][0]):
             now, runtime, rank, mem = nxt
             meas = lo_j <= jid and (jid < hi_j or hi_j < 0) and lo_t <= now < hi_t
-            j = Job(jid, rank, names[rank], now, runtime, mem, meas)
+            j = SimJob(jid, rank, names[rank], now, runtime, mem, meas)
             if meas:
                 measured[rank] += 1
             jid += 1

@@ -2,7 +2,7 @@
 wheel, adaptive RTO), replies cached for idempotent repeats, messages to one peer batched
 into one datagram per loop pass, and payload transfer by digest.
 
-Over 400 lines on purpose: the Endpoint is one object whose receive -> dispatch -> reply ->
+Over 400 lines on purpose: the Endpoint is one object whose receive -> handle -> reply ->
 batch path is the shard's hot loop; its parts share the same few dicts, and the order of
 those steps (dedupe before the handler, reply cached before it is sent) is the protocol's
 idempotence. Split, that order would be spread over modules."""
@@ -288,9 +288,9 @@ class Endpoint:
         if len(items) > 1:
             self.stats["batches_in"] += 1
         for rid, reply_to, msg in items:
-            self._dispatch(sender, rid, reply_to, msg, addr)
+            self._handle(sender, rid, reply_to, msg, addr)
 
-    def _dispatch(self, sender: int, rid: int, reply_to: int, msg: Message, addr: Addr) -> None:
+    def _handle(self, sender: int, rid: int, reply_to: int, msg: Message, addr: Addr) -> None:
         if reply_to:
             call = self._pending.get(reply_to)
             if call is not None:

@@ -4,7 +4,7 @@ File names lie (a controller can be listed yet not delegated; a PSI file can ref
 window; swap can be configured but off), so every probe acts: it makes a scratch cgroup,
 sets SCHED_FIFO on a parked child, arms a trigger, reclaims real pages. A failed probe names
 the degraded mode XX runs in instead (DESIGN.md principle 3), or says that xxnode refuses to
-start without it (cgroup2, SCHED_FIFO). Nothing is left behind.
+start without it (cgroup2, SCHED_FIFO, clone3 into a cgroup). Nothing is left behind.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from xxnode.kernel import psi, sched, swap
+from xxnode.kernel import clone3, psi, sched, swap
 from xxnode.kernel import rt_group as rt_group_mod
 from xxnode.kernel.cgroup import Cgroup, CgroupError, find_cgroup2_mount
+from xxnode.kernel.cgroup_watch import PopulatedWatcher
 
 MiB = 1 << 20
 
@@ -42,7 +45,9 @@ class Capability:
 # What XX does without each capability, or "required: ..." where xxnode will not start
 # without it. Shown by `xxctl doctor` and the daemons' status.
 DEGRADED = {
-    # xxnode refuses to start without these two (node/daemon.py): no mode runs without them.
+    # xxnode refuses to start without the three marked "required" (node/host.py sets up the
+    # cgroups and SCHED_FIFO, node/daemon.py checks clone3 and node/launch.py self-tests a
+    # launch): no mode runs without them. Every other entry is a mode the daemon runs in.
     "cgroup2": "required: xxnode refuses to start without a cgroup2 mount (jobs live in "
     "cgroups: kill, freeze, accounting and re-adoption after a restart all need them)",
     "cgroup2.memory": "memory-unmanaged: no per-job memory accounting, class-ordered reclaim "
@@ -52,6 +57,8 @@ DEGRADED = {
     "cgroup2.pids": "no-pids-limit: a fork bomb inside a job is stopped only by its timeout",
     "sched_fifo": "required: xxnode refuses to start without SCHED_FIFO (classes are its "
     "priorities; without them a high class would not preempt a low one)",
+    "clone3": "required: xxnode refuses to start without its launcher (clone3 with "
+    "CLONE_INTO_CGROUP: a job is in its cgroup, at its class, from its first instruction)",
     "rt_throttling": "rt-unthrottled: a spinning high-class job could starve sshd and systemd",
     "psi": "no-pressure: memory pressure inferred from /proc/meminfo free memory only",
     "psi_trigger": "psi-polled: PSI averages are polled each tick instead of kernel triggers",
@@ -170,6 +177,7 @@ class Prober:
             ("cgroup2.cpu", self.cpu_controller),
             ("cgroup2.pids", lambda: self.controller("pids", "pids.max", "64")),
             ("sched_fifo", self.sched_fifo),
+            ("clone3", self.clone3),
             ("rt_throttling", self.rt_throttling),
             ("psi", self.psi),
             ("psi_trigger", self.psi_trigger),
@@ -237,6 +245,42 @@ class Prober:
             return False, f"set SCHED_FIFO/10, kernel reports {sched.POLICY_NAMES[policy]}/{prio}"
         lo, hi = os.sched_get_priority_min(os.SCHED_FIFO), os.sched_get_priority_max(os.SCHED_FIFO)
         return True, f"set on a child and read back; priorities {lo}..{hi}"
+
+    def clone3(self) -> tuple[bool, str]:
+        """The launcher end to end, as the node's self-test does: /bin/true into a scratch
+        cgroup through the shim, reaped, its exit record read."""
+        if (reason := clone3.unavailable_reason()) is not None:
+            return False, reason
+        if self.root is None:
+            return False, "no cgroup2"
+        with scratch_cgroup(self.root) as leaf, scratch_cgroup(self.root) as shims:
+            jd = Path(tempfile.mkdtemp(prefix="xx-probe-"))
+            watcher = PopulatedWatcher()
+            try:
+                req = clone3.SpawnRequest(
+                    path="/bin/true", argv=["true"], env={}, job_cgroup=leaf.path,
+                    job_dir=jd, job_policy=os.SCHED_OTHER, job_priority=0,
+                    shim_policy=os.SCHED_OTHER, shim_priority=0, shim_cgroup=shims.path,
+                )  # fmt: skip
+                try:
+                    sp = clone3.spawn(req)
+                except clone3.SpawnError as e:
+                    if (sp := getattr(e, "spawned", None)) is not None:
+                        os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+                        os.close(sp.shim_pidfd)
+                    return False, f"launching /bin/true into {leaf.path}: {e}"
+                os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+                os.close(sp.shim_pidfd)
+                sp.release()
+                rec = clone3.read_exit(jd) or {}
+                watcher.wait(leaf, 5.0)
+                watcher.wait(shims, 5.0)
+            finally:
+                watcher.close()
+                shutil.rmtree(jd, ignore_errors=True)
+        if rec.get("wait_status", -1) != 0:
+            return False, f"/bin/true launched into a cgroup exited with {rec or 'no record'}"
+        return True, "launched /bin/true into a scratch cgroup through the shim"
 
     def rt_throttling(self) -> tuple[bool, str]:
         rt = sched.rt_throttling()
