@@ -11,6 +11,7 @@ import asyncio
 import collections
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -350,3 +351,33 @@ def test_detached_jobs_survive_kill_9_of_their_shard(cluster_factory):
     assert sorted(ran) == sorted(j.hex() for j in ids)
     assert set(ran.values()) == {1}, [j for j, k in ran.items() if k > 1]
     assert row["counts"]["recovered"] > 0
+
+
+def test_the_shard_rejects_a_bad_spec_and_logs_each_job_with_time_and_level(cluster_factory):
+    """A spec no node could run is refused at the shard, naming the field; every job's end
+    and the SIGTERM are in the shard's log, each line stamped and levelled."""
+    cl = cluster_factory(n_shards=1, n_nodes=1)
+    shard_proc, shard_addr = cl.shards[0]
+
+    async def go():
+        async with ClusterClient(cl.shard_addrs, cl.key) as c:
+            await wait_registered(c, 1)
+            done = await c.run("medium", {"sleep": 0.0}, timeout=10)
+            bad = wire.Submit(os.urandom(16), "high", "", {"argv": "ls"}, 0, bytes(32), b"")
+            ack = await c.ep.request(shard_addr, bad, timeout=5)
+            rows = await c.status("shard")
+            return done, ack, rows[0]
+
+    done, ack, row = asyncio.run(go())
+    assert done["status"] == 0
+    assert not ack.ok and ack.reason == "spec.argv: Expected `array`, got `str`"
+    assert row["counts"]["rejected"] == 1
+    shard_proc.send_signal(signal.SIGTERM)
+    assert shard_proc.wait(timeout=10) == 0
+    log = (cl.tmp / "shard0.log").read_text().splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z xxshard (INFO|WARNING) "
+    assert log and all(re.match(stamp, line) for line in log), log
+    assert any(re.search(r"INFO job [0-9a-f]{32} \(medium\) done on node0: exit status 0", x)
+               for x in log), log  # fmt: skip
+    assert any("rejected: spec.argv" in x for x in log), log
+    assert "stopping on SIGTERM" in log[-1]

@@ -5,6 +5,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,44 @@ def test_submit_wait_says_what_the_node_cut(cluster):
     dropped = f"{5_000_000 - OUTPUT_LIMIT:,}".replace(",", " ")
     assert f"stdout: {dropped} bytes dropped".encode() in r.stderr, r.stderr
     assert r.stderr.startswith(b"oops\n")
+
+
+def test_submit_wait_with_no_node_says_why_and_honours_its_timeout(tmp_path):
+    """A shard with no node joined: `submit --wait` says nothing can take the job, then
+    gives up at --wait-timeout with exit 124, and the job is not started by anyone later
+    (its arbiter is gone) -- nor is it left counted as running."""
+    kf = tmp_path / "cluster.key"
+    kf.write_text(os.urandom(32).hex())
+    shard = subprocess.Popen(
+        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
+         "--key-file", str(kf)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        addr = shard.stdout.readline().split()[-1]
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [XXCTL, "submit", "--wait", "--wait-timeout", "3", "--shard", addr,
+             "--key-file", str(kf), "--class", "high", "--", "true"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        shard.kill()
+        shard.wait()
+        shard.stdout.close()
+    assert r.returncode == 124, r
+    assert "no node has joined that shard, so nothing can take it" in r.stderr
+    assert "gave up after 3 s" in r.stderr and "will not start now" in r.stderr
+    assert 3 <= took < 20
+
+
+def test_wait_timeout_without_wait_is_a_usage_error(tmp_path):
+    kf = tmp_path / "k"
+    kf.write_text(os.urandom(32).hex())
+    r = subprocess.run(
+        [XXCTL, "submit", "--wait-timeout", "3", "--shard", "127.0.0.1:9", "--key-file", str(kf),
+         "--class", "high", "--", "true"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--wait-timeout needs --wait" in r.stderr

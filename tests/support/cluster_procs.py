@@ -132,13 +132,16 @@ class Cluster:
     def _spawn(self, role: str, i: int, port: int = 0) -> tuple:
         host = self.where(role, i)
         argv, rec = self._argv(role, i, host.ip, port)
+        # its log goes to a file (a shard writes a line per job: a pipe nobody reads fills)
+        log = open(self.tmp / f"{role}{i}.log", "ab")  # noqa: SIM115 -- closed in stop()
         p = host.popen(
             [sys.executable, *argv],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=log,
             text=True,
             env=self._env((100 if role == "shard" else 200) + i),
         )
+        p.log = log
         self.procs.append(p)
         return p, rec
 
@@ -159,7 +162,7 @@ class Cluster:
         line = p.stdout.readline()
         if "listening on" not in line:
             p.kill()
-            raise AssertionError(f"{p.args}: {line!r} {p.stderr.read()}")
+            raise AssertionError(f"{p.args}: {line!r} {Path(p.log.name).read_text()}")
         return wire.parse_addr(line.split()[-1])
 
     def executions(self) -> collections.Counter:
@@ -175,7 +178,7 @@ class Cluster:
                 p.kill()
             p.wait()
             p.stdout.close()
-            p.stderr.close()
+            p.log.close()
 
 
 @contextlib.asynccontextmanager

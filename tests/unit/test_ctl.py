@@ -6,15 +6,38 @@ import argparse
 
 import pytest
 
+from xxnode.cli import version
 from xxnode.ctl import cluster_cmds, doctor, main, node_cmds
+from xxnode.node import main as node_main
+from xxnode.shard import main as shard_main
 
 
-def test_version_flag_prints_the_package_version(capsys):
+@pytest.mark.parametrize(
+    "prog, parse",
+    [
+        ("xxctl", lambda a: main.build_parser().parse_args(a)),
+        ("xxnode", node_main.main),
+        ("xxshard", shard_main.main),
+    ],
+)
+def test_every_command_says_its_version(prog, parse, capsys):
     with pytest.raises(SystemExit) as e:
-        main.build_parser().parse_args(["--version"])
+        parse(["--version"])
     assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"{prog} {version()}" and version() != "unknown"
+
+
+def test_xxshard_help_describes_it_whole_and_every_option(capsys):
+    with pytest.raises(SystemExit):
+        shard_main.main(["--help"])
     out = capsys.readouterr().out
-    assert out.strip() == f"xxctl {main.version()}" and main.version() != "unknown"
+    assert "SIGTERM" in out  # the description's last paragraph, not its first line only
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  -")]
+    assert "--config" in options and "--key-file" in options and "--log-level" in options
+    for line in out.splitlines():
+        if line.startswith("  --") and line.split()[0] not in ("--log-level",):
+            # each option line carries its help text (or it wraps onto the next line)
+            assert len(line.split()) > 2 or line.strip().endswith(("FILE", "DIR", "PORT")), line
 
 
 def test_the_dead_usage_error_class_is_gone():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from xxnode import wire
+from xxnode.cluster.spec import spec_error
 from xxnode.wire import Addr, Message
 
 
@@ -143,6 +144,8 @@ class ClusterClient:
         With ``wait`` the job is tracked for ``result()`` and arbitrated here."""
         if len(payload) > wire.MAX_PAYLOAD:
             raise SubmitError(f"input of {len(payload)} bytes exceeds {wire.MAX_PAYLOAD}")
+        if (bad := spec_error(spec)) is not None:
+            raise SubmitError(f"bad job: {bad}")
         jid = job_id or uuid.uuid4().bytes
         p = _Pending(jid, cls, spec, payload, self._cur)
         if self.spread:
@@ -244,7 +247,7 @@ class ClusterClient:
 
         async def one(a: Addr) -> dict:
             try:
-                return {"addr": wire.fmt_addr(a), **await self._status_of(a, what, timeout)}
+                return {"addr": wire.fmt_addr(a), **await self.status_of(a, what, timeout)}
             except TimeoutError:
                 return {
                     "addr": wire.fmt_addr(a),
@@ -253,7 +256,7 @@ class ClusterClient:
 
         return list(await asyncio.gather(*(one(a) for a in self.shards)))
 
-    async def _status_of(self, a: Addr, what: str, timeout: float) -> dict:
+    async def status_of(self, a: Addr, what: str, timeout: float) -> dict:
         """One shard's STATUS; a list (idle, nodes) comes page by page, joined here."""
         rows: list = []
         start = 0

@@ -40,6 +40,10 @@ def register(sub) -> None:
     p = add("submit", "submit a command to the cluster in a price class", cmd_submit)
     p.add_argument("--class", dest="cls", metavar="C", required=True, help="price class")
     p.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+    p.add_argument(
+        "--wait-timeout", type=float, metavar="S",
+        help="with --wait: give up after S seconds (exit 124); a job not started by then never starts",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, metavar="S", help="job wall-clock limit")
     p.add_argument("--stdin", metavar="FILE", help="job input from FILE ('-': ours), <= 6 MB")
     p.add_argument("cmd", nargs="+", metavar="CMD", help="-- CMD [ARGS...]")
@@ -80,12 +84,16 @@ async def cmd_submit(args) -> int:
     spec: dict = {"argv": args.cmd}
     if args.timeout is not None:
         spec["timeout"] = args.timeout
+    if args.wait_timeout is not None and (not args.wait or args.wait_timeout <= 0):
+        raise _Usage("--wait-timeout needs --wait and a number of seconds > 0")
     async with _client(args) as c:
         jid = await c.submit(args.cls, spec, payload, wait=args.wait)
         if not args.wait:
             print(json.dumps({"job": jid.hex()}) if args.json else jid.hex())
             return 0
-        res = await c.result(jid)
+        res = await _await_saying_why(c, jid, args.wait_timeout)
+        if res is None:
+            return 124
     if args.json:
         print(json.dumps({"job": jid.hex(), **res}, indent=2))
     else:
@@ -97,6 +105,64 @@ async def cmd_submit(args) -> int:
         if lost := outcome.dropped(res):
             print(f"xxctl submit: {jid.hex()} output cut: {lost}", file=sys.stderr)
     return outcome.exit_status(res)
+
+
+NOTICE_S = 2.0  # a job not started by then: say what it waits for, and again on change
+
+
+async def _await_saying_why(c: ClusterClient, jid: bytes, timeout: float | None) -> dict | None:
+    """The job's result; meanwhile, on stderr, why it has not started (no node joined, all
+    busy, ...) whenever that changes. None when ``timeout`` passed first (said why)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    said = ""
+    while True:
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            why = await _why_waiting(c, jid)
+            print(f"xxctl submit: gave up after {timeout:g} s: {why}", file=sys.stderr)
+            p = c.pending.get(jid)
+            if p is not None and p.granted is None:
+                print(
+                    f"xxctl submit: job {jid.hex()} will not start now: this client was its arbiter",
+                    file=sys.stderr,
+                )  # fmt: skip
+            return None
+        try:
+            return await c.result(jid, NOTICE_S if left is None else min(NOTICE_S, left))
+        except TimeoutError:
+            pass
+        why = await _why_waiting(c, jid)
+        if why != said:
+            print(f"xxctl submit: waiting: {why}", file=sys.stderr)
+            said = why
+
+
+async def _why_waiting(c: ClusterClient, jid: bytes) -> str:
+    """What the job waits for, in the words of the shard holding it."""
+    p = c.pending.get(jid)
+    if p is None:
+        return f"job {jid.hex()} is finished"
+    if p.granted is not None:
+        return f"job {jid.hex()} is running on {p.granted}"
+    addr = c.shards[p.shard]
+    try:
+        row = await c.status_of(addr, "shard", 2.0)
+    except TimeoutError:
+        return f"job {jid.hex()} is queued at {wire.fmt_addr(addr)}, which does not answer"
+    where = f"job {jid.hex()} is queued at {wire.fmt_addr(addr)} in class {p.cls}"
+    if "error" in row:
+        return f"{where} ({row['error']})"
+    if not row.get("nodes"):
+        return (
+            f"{where}, but no node has joined that shard, so nothing can take it "
+            "(a node joins with [cluster] shards = [...] in its config)"
+        )
+    queued = sum(row.get("queued", {}).values())
+    return (
+        f"{where}, {queued} job(s) queued there; {row['nodes']} node(s) joined, "
+        f"{row.get('idle', 0)} idle (the shard places when a node has room)"
+    )
 
 
 async def _status(args, what: str) -> list[dict]:

@@ -9,28 +9,18 @@ import importlib
 import os
 import sys
 
+from xxnode.cli import add_common
+
 # Modules under xxnode.ctl that provide register(subparsers); each subcommand sets
 # `func(args) -> int` as its handler.
 COMMAND_MODULES = ("doctor", "node_cmds", "cluster_cmds")
-
-
-def version() -> str:
-    """The installed distribution's version, else the package's own __version__."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("xxnode")
-    except metadata.PackageNotFoundError:
-        import xxnode
-
-        return getattr(xxnode, "__version__", "unknown")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xxctl", description="Inspect and drive XX nodes, shards and the kernel they run on."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_common(parser, logs=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:

@@ -19,6 +19,7 @@ import socket
 import sys
 
 from xxnode import config
+from xxnode.cli import add_common, setup_logging
 
 log = logging.getLogger("xxnode")
 
@@ -27,19 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="xxnode", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="TOML config file (default: $XX_CONFIG or built-in)")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(
         "--ready-fd",
         type=int,
         metavar="FD",
         help="write 'READY\\n' to FD once serving, then close it",
     )
+    add_common(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="xxnode: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging("xxnode", args)
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:

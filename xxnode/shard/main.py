@@ -1,16 +1,22 @@
-"""xxshard [--config FILE] [--listen HOST:PORT] [--key-file FILE] [--state-dir DIR]: one
-global-scheduler shard.
+"""xxshard: one shard of XX's global scheduler (paper §3.2).
+
+It takes jobs from clients (`xxctl submit`, the cluster client), keeps one FIFO queue per
+price class, and places the highest class's oldest job on a node: the idle node with the
+shortest queue, or else the least loaded of k probed nodes. Nodes join it through their
+dispatcher ([cluster] in the node's config). With a state dir every acknowledged job is
+on disk first, and a restarted shard loses nothing.
 
 Config (TOML): a [shard] table and optional [[class]] tables (default: the built-in
-classes); every key, its default and its range: docs/config.md (xxnode/config/shard.py).
-The cluster key may also come from $XX_CLUSTER_KEY_FILE.  A mistake in the config is one
-line naming the key, exit 2.
+classes); every key, its default and its range: docs/config.md. Command-line options
+override the file. The cluster key may also come from $XX_CLUSTER_KEY_FILE. A mistake in
+the config is one line naming the key, exit 2. SIGTERM or SIGINT stop it (exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
 
@@ -18,6 +24,7 @@ import uvloop
 
 from xxnode import wire
 from xxnode.classes import ClassTable
+from xxnode.cli import add_common, setup_logging
 from xxnode.config import shard as shard_config
 from xxnode.config.shard import ShardParams
 from xxnode.schema import ConfigError
@@ -25,6 +32,7 @@ from xxnode.shard.server import Shard
 from xxnode.shard.store import ShardStore
 
 ENV_KEY = "XX_CLUSTER_KEY_FILE"
+log = logging.getLogger("xxshard")
 
 
 async def serve(
@@ -35,21 +43,45 @@ async def serve(
     shard = Shard(classes, p, store=store)
     addr = await shard.start(bind, wire.Codec(key), drop, seed)
     if store is None:
-        print("xxshard: no state_dir: acknowledged jobs do not survive a restart", file=sys.stderr)
+        log.warning("no state_dir: acknowledged jobs do not survive a restart")
     else:
-        n = shard.counts["recovered"]
-        print(f"xxshard: state in {state_dir}; {n} unfinished jobs recovered", file=sys.stderr)
+        log.info("state in %s; %d unfinished jobs recovered", state_dir, shard.counts["recovered"])
+    log.info("classes: %s", ", ".join(f"{c.name} ({c.price:g})" for c in classes))
     print(f"xxshard: listening on {wire.fmt_addr(addr)}", flush=True)
-    await shard.serve_until_signal()
+    sig = await shard.serve_until_signal()
+    log.info(
+        "stopping on %s: %d job(s) held%s", sig.name, len(shard.jobs),
+        " (on disk: the next xxshard on this state dir resumes them)" if store else " (lost)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="xxshard", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", metavar="FILE")
-    ap.add_argument("--listen", metavar="HOST:PORT")
-    ap.add_argument("--key-file", metavar="FILE")
-    ap.add_argument("--state-dir", metavar="DIR", help="journal here: a restart loses nothing")
+    ap = argparse.ArgumentParser(
+        prog="xxshard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--config", metavar="FILE", help="TOML config ([shard], [[class]]); default: built-in"
+    )
+    ap.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="UDP address to serve (default: shard.listen, 127.0.0.1:7100; port 0: any)",
+    )
+    ap.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the cluster key (default: shard.key_file, else $XX_CLUSTER_KEY_FILE)",
+    )
+    ap.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="journal here (0700): a restart loses no acknowledged job",
+    )
+    add_common(ap)
     args = ap.parse_args(argv)
+    setup_logging("xxshard", args)
     try:
         cfg = shard_config.load(args.config)
         bind = wire.parse_addr(args.listen or cfg.listen)

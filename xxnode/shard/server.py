@@ -24,6 +24,7 @@ decisions themselves are pure functions in ``xxnode.policy``, and durability is
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from collections.abc import Callable
 
 from xxnode import wire
 from xxnode.classes import ClassTable
+from xxnode.cluster.spec import spec_error
 from xxnode.config.shard import ShardParams
 from xxnode.policy import probe
 from xxnode.policy.idle_list import IdleList
@@ -42,6 +44,7 @@ from xxnode.wire import Addr, Message
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
 STATUS_PAGE = 40  # rows per STATUS reply: ~5 KB, well inside a datagram
+log = logging.getLogger("xxshard")
 KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see NodeRecord.unsure)
 
 
@@ -71,7 +74,8 @@ class Shard(wire.Service):
             (
                 "submitted",
                 "placed",
-                "refused",
+                "refused",  # a node refused a placement
+                "rejected",  # a submission refused here (unknown class, bad spec)
                 "place_timeouts",
                 "done",
                 "denied",
@@ -153,14 +157,23 @@ class Shard(wire.Service):
         if m.job in self.jobs or m.job in self.finished:
             return _ack(m.job, True, "duplicate")
         if self.classes.get(m.cls) is None:
-            return _ack(m.job, False, f"unknown price class {m.cls!r}")
+            return self._reject(m, addr, f"unknown price class {m.cls!r}")
+        if (bad := spec_error(m.spec)) is not None:
+            return self._reject(m, addr, bad)
         if m.size > wire.MAX_PAYLOAD:
-            return _ack(m.job, False, f"input of {m.size} bytes exceeds {wire.MAX_PAYLOAD}")
+            return self._reject(m, addr, f"input of {m.size} bytes exceeds {wire.MAX_PAYLOAD}")
         if m.size > len(m.inline):
             return self._submit_fetch(m, addr)
         if len(m.inline) != m.size or (m.size and wire.digest(m.inline) != m.digest):
-            return _ack(m.job, False, "inline input does not match its size/digest")
+            return self._reject(m, addr, "inline input does not match its size/digest")
         return self._admit(m, addr, m.inline)
+
+    def _reject(self, m: wire.Submit, addr: Addr, reason: str) -> wire.SubmitAck:
+        self.counts["rejected"] += 1
+        log.info(
+            "job %s (%s) from %s rejected: %s", m.job.hex(), m.cls, wire.fmt_addr(addr), reason
+        )
+        return _ack(m.job, False, reason)
 
     async def _submit_fetch(self, m: wire.Submit, addr: Addr) -> Message:
         try:
@@ -463,6 +476,11 @@ class Shard(wire.Service):
             n.jobs = max(0, n.jobs - 1)
 
     def _finish(self, job: QueuedJob, status: int) -> None:
+        if status != wire.DENIED:
+            log.info(
+                "job %s (%s) done on %s: %s, %.1f ms after submission", job.id.hex(), job.cls,
+                job.node or "-", _status_words(status), (self.clock() - job.t_enq) * 1e3,
+            )  # fmt: skip
         self.jobs.pop(job.id, None)
         self.grants.pop(job.id, None)
         dig = job.place.digest
@@ -496,6 +514,10 @@ class Shard(wire.Service):
         del self.nodes[n.id]
         self.idle.remove(n.id)
         self.counts["nodes_lost"] += 1
+        log.warning(
+            "node %s silent for %.1f s: lost; %d of its job(s) placed again or reported to "
+            "their arbiter", n.id, self.clock() - n.last_seen, len(n.placed),
+        )  # fmt: skip
         for jid in list(n.placed):
             job = self.jobs.get(jid)
             if job is None or job.node != n.id:
@@ -529,6 +551,12 @@ class Shard(wire.Service):
             await self.ep.request(wire.parse_addr(arbiter), wire.NodeLost(jid, node), timeout=10.0)
         except (TimeoutError, ValueError):
             pass  # the submitter is gone: nobody is waiting for this job's fate
+
+
+def _status_words(status: int) -> str:
+    return {wire.NODE_LOST: "node lost", wire.FAILED_START: "not started"}.get(
+        status, f"exit status {status}"
+    )
 
 
 def _ack(job: bytes, ok: bool, reason: str) -> wire.SubmitAck:

@@ -4,6 +4,7 @@ starting and stopping."""
 from __future__ import annotations
 
 import asyncio
+import signal
 
 from xxnode.wire.endpoint import Endpoint
 
@@ -27,13 +28,13 @@ class Service:
         if self.ep is not None:
             self.ep.close()
 
-    async def serve_until_signal(self) -> None:
-        """Run until SIGINT or SIGTERM, then close: the standalone daemons' main loop."""
-        import signal
-
-        stop = asyncio.Event()
+    async def serve_until_signal(self) -> signal.Signals:
+        """Run until SIGINT or SIGTERM, then close: the standalone daemons' main loop.
+        Returns the signal, for the daemon's last log line."""
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+        sig = await got
         self.close()
+        return signal.Signals(sig)

@@ -1,0 +1,70 @@
+"""A cluster job's spec, typed, and checked at the first hop -- the submitting client, then
+the shard -- so a job no node could start is refused with its reason before it is queued,
+placed and granted. The node checks again what only it can know (the command on its PATH,
+its max_timeout, its user): node/jobs.validate.
+
+    argv     the command and its arguments (required, unless a test executor's keys are)
+    env      extra environment: NAME -> value
+    cwd      an absolute directory on the node
+    timeout  wall-clock seconds, > 0
+    sleep    SyntheticExecutor only (tests, benchmarks): hold a slot this long
+    spin     SyntheticExecutor only: burn a CPU this long
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+_NO_NUL = r"^[^\x00]*$"
+Arg = Annotated[str, msgspec.Meta(max_length=128 * 1024, pattern=_NO_NUL)]  # MAX_ARG_STRLEN
+EnvName = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+AbsPath = Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^/[^\x00]*$")]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+Held = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
+class JobSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    argv: Annotated[list[Arg], msgspec.Meta(max_length=4096)] = []
+    env: Annotated[dict[EnvName, Arg], msgspec.Meta(max_length=1024)] = {}
+    cwd: AbsPath | None = None
+    timeout: Seconds | None = None
+    sleep: Held | None = None
+    spin: Held | None = None
+
+
+def spec_error(spec: object) -> str | None:
+    """Why ``spec`` cannot be a cluster job's spec, naming the field; None if it can."""
+    try:
+        s = msgspec.convert(spec, JobSpec)
+    except msgspec.ValidationError as e:
+        return _words(str(e))
+    if not s.argv and s.sleep is None and s.spin is None:
+        return "spec.argv: a command is required"
+    if s.argv and not s.argv[0]:
+        return "spec.argv: the command is empty"
+    return None
+
+
+_PATTERNS = {  # msgspec names a failed pattern by its regex; say what it means
+    _NO_NUL: "must not contain a NUL byte",
+    r"^[A-Za-z_][A-Za-z0-9_]*$": "must be a variable name ([A-Za-z_][A-Za-z0-9_]*)",
+    r"^/[^\x00]*$": "must be an absolute path",
+}
+
+
+def _words(msg: str) -> str:
+    """msgspec's "Expected ... - at `$.argv[0]`" as "spec.argv[0]: ..."."""
+    text, _, where = msg.partition(" - at `")
+    where = where.rstrip("`").replace("$", "spec") or "spec"
+    if where.startswith("key` in `"):  # a map's key: "spec.env (a name)"
+        where = where.split("`")[-1] + " (a name)"
+    if text.startswith("Object contains unknown field `"):
+        name = text.split("`")[1]
+        known = ", ".join(JobSpec.__struct_fields__)
+        return f"{where}.{name}: unknown field (known: {known})"
+    for pattern, words in _PATTERNS.items():
+        if pattern.encode("unicode_escape").decode() in text or pattern in text:
+            text = words
+    return f"{where}: {text}"
