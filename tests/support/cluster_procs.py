@@ -75,6 +75,7 @@ class Cluster:
         start_timeout: float = 60.0,
         shard_port: int = 0,
         shard_state: bool = False,
+        shard_args: tuple[str, ...] = (),
     ):
         self.tmp = Path(tmp_path)
         self.key_file = self.tmp / "cluster.key"
@@ -85,6 +86,7 @@ class Cluster:
         self.where = where or (lambda role, i: LOOPBACK)
         self.start_timeout = start_timeout
         self.shard_state = shard_state  # each shard journals to tmp/shardI.state
+        self.shard_args = list(shard_args)  # more xxshard options (e.g. --log-level debug)
         try:
             if shard_port:  # addresses known up front: every process starts at once
                 self.shard_addrs = [
@@ -118,7 +120,7 @@ class Cluster:
             argv += ["--key-file", str(self.key_file)]
             if self.shard_state:
                 argv += ["--state-dir", str(self.tmp / f"shard{i}.state")]
-            return argv, None
+            return argv + self.shard_args, None
         rec = self.tmp / f"node{i}.ran"
         argv = ["-m", "xxnode.cluster.synthetic", "--listen", f"{ip}:0"]
         argv += ["--shards", ",".join(wire.fmt_addr(a) for a in self.shard_addrs)]
