@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import signal
 
-from xxnode.wire import DENIED, FAILED_START, NODE_LOST
+from xxnode.wire import CANCELLED, DENIED, FAILED_START, NODE_LOST
 
 _CLUSTER_WORDS = {
     NODE_LOST: "the node running it was lost",
     DENIED: "not started: another node was given it",
     FAILED_START: "could not start",
+    CANCELLED: "cancelled while queued: nothing ran",
 }
 
 

@@ -2,6 +2,7 @@
 in its class's cgroup, at its class's SCHED_FIFO priority — and the node is listed."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,95 @@ def test_wait_timeout_without_wait_is_a_usage_error(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2 and "--wait-timeout needs --wait" in r.stderr
+
+
+def _ctl(addr, kf, *argv):
+    return subprocess.run(
+        [XXCTL, *argv[:1], "--shard", addr, "--key-file", str(kf), *argv[1:]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def _until(pred, what: str, timeout: float = 30.0):
+    """Poll ``pred`` (a detached job has no event to wait on) until it returns a value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (v := pred()) is not None:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def test_xxctl_job_shows_a_job_the_node_refused_after_placement(cluster):
+    """A command the node does not have passes the first hop (it may exist elsewhere) and
+    is refused on the node: `xxctl job ID` names the node and the node's reason."""
+    _, _, _, addr, kf = cluster
+    r = _ctl(addr, kf, "submit", "--class", "medium", "--", "/no/such/command")
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip()
+
+    def done():
+        j = json.loads(_ctl(addr, kf, "job", jid, "--json").stdout)
+        return j if j["state"] == "done" else None
+
+    info = _until(done, "the job did not end")
+    assert info["node"] == "n1" and info["status"] == wire.FAILED_START
+    shown = _ctl(addr, kf, "job", jid)
+    text = shown.stdout
+    assert shown.returncode == 0 and f"job {jid}: done on n1" in text, shown
+    assert "/no/such/command" in text and "could not start" in text, shown
+
+
+def test_xxctl_cancel_kills_a_running_cluster_job_and_its_submitter_hears(cluster):
+    node, shards, key, addr, kf = cluster
+
+    async def go():
+        async with ClusterClient(shards, key) as c:
+            jid = await c.submit("low", {"argv": ["sleep", "60"]})
+
+            def running():
+                j = json.loads(_ctl(addr, kf, "job", jid.hex(), "--json").stdout)
+                return j if j.get("on_node", {}).get("local_state") == "running" else None
+
+            info = await asyncio.to_thread(_until, running, "the job did not start")
+            cancel = await asyncio.to_thread(_ctl, addr, kf, "cancel", jid.hex())
+            res = await c.result(jid, timeout=30)
+            return jid, info, cancel, res
+
+    jid, info, cancel, res = asyncio.run(go())
+    assert info["state"] == "placed" and info["node"] == "n1"
+    assert cancel.returncode == 0 and "killed on n1" in cancel.stdout, cancel
+    assert res["state"] == "killed" and res["reason"].startswith("cancelled: xxctl cancel")
+    assert _ctl(addr, kf, "cancel", jid.hex()).returncode == 1  # already finished
+
+
+def test_a_job_cancelled_while_queued_ends_cancelled_and_nothing_runs(tmp_path):
+    """No node joined: the job waits at the shard; cancelled, its waiting submitter gets
+    CANCELLED at once, and the shard remembers how it ended."""
+    kf = tmp_path / "cluster.key"
+    kf.write_text(os.urandom(32).hex())
+    shard = subprocess.Popen(
+        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
+         "--key-file", str(kf)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        addr = shard.stdout.readline().split()[-1]
+
+        async def go():
+            async with ClusterClient([wire.parse_addr(addr)], wire.load_key(kf)) as c:
+                jid = await c.submit("high", {"argv": ["true"]})
+                queued = await c.job(jid)
+                r = await c.cancel(jid, "test")
+                return jid, queued, r, await c.result(jid, timeout=10)
+
+        jid, queued, r, res = asyncio.run(go())
+        after = json.loads(_ctl(addr, kf, "job", jid.hex(), "--json").stdout)
+    finally:
+        shard.kill()
+        shard.wait()
+        shard.stdout.close()
+    assert queued["state"] == "queued" and queued["class"] == "high" and queued["node"] is None
+    assert r == {"ok": True, "state": "cancelled while queued"}
+    assert res["status"] == wire.CANCELLED and "cancelled: test" in res["error"]
+    assert after["state"] == "done" and after["status"] == wire.CANCELLED

@@ -136,3 +136,12 @@ def test_jobs_with_an_unknown_class_exits_2_listing_the_daemons_classes(monkeypa
     assert sent == ["classes"]  # the jobs request was never sent
     err = capsys.readouterr().err
     assert err == "xxctl jobs: unknown class 'nosuch' (known: high, batch)\n"
+
+
+def test_job_and_cancel_refuse_what_is_not_a_job_id(capsys, tmp_path, monkeypatch):
+    key = tmp_path / "k"
+    key.write_text("00" * 32)
+    for cmd in ("job", "cancel"):
+        code = main.main([cmd, "--shard", "127.0.0.1:9", "--key-file", str(key), "xyz"])
+        assert code == 2
+        assert "'xyz' is not a job id (32 hex digits" in capsys.readouterr().err

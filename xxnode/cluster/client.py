@@ -240,6 +240,36 @@ class ClusterClient:
                     except SubmitError:
                         pass  # tried again on the next round
 
+    # one job, by id ---------------------------------------------------------------------
+    async def job(self, job: bytes, timeout: float = 5.0) -> dict:
+        """What the shards (and through them the node) know of ``job``: {"state": ...};
+        "unknown" if no shard holds or remembers it."""
+        return await self._ask_shards(
+            wire.JobQuery(job), timeout, lambda d: d.get("state") != "unknown"
+        )
+
+    async def cancel(self, job: bytes, reason: str = "cancelled by request", timeout=5.0) -> dict:
+        """Cancel ``job`` wherever it is: {"ok", "state" | "reason", ...}."""
+        return await self._ask_shards(
+            wire.Cancel(job, reason), timeout, lambda d: d.get("reason") != "not held by this shard"
+        )
+
+    async def _ask_shards(self, msg: Message, timeout: float, found) -> dict:
+        """Each shard in turn until one answers ``found``; the last answer otherwise."""
+        last: dict = {"state": "unknown", "ok": False, "reason": "no shard answered"}
+        for a in self.shards:
+            try:
+                rep = await self.ep.request(a, msg, timeout=timeout)
+            except TimeoutError:
+                continue
+            if type(rep) is not wire.StatusReply:
+                last = {"state": "unknown", "ok": False, "reason": getattr(rep, "reason", rep.kind)}
+                continue
+            last = rep.data
+            if found(rep.data):
+                return rep.data
+        return last
+
     # inspection --------------------------------------------------------------------------
     async def status(self, what: str = "shard", timeout: float = 2.0) -> list[dict]:
         """Each shard's STATUS reply (``what``: shard | idle | nodes); an unreachable shard

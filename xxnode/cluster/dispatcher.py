@@ -121,7 +121,22 @@ class Dispatcher(wire.Service):
                 "dropped": dict(self.ep.codec.dropped),
             }
             return wire.StatusReply(data)
+        if kind is wire.JobQuery or kind is wire.Cancel:
+            return self._on_job_request(msg)
         return wire.Error(f"dispatcher does not take {msg.kind}")
+
+    def _on_job_request(self, m: wire.JobQuery | wire.Cancel) -> Message:
+        """`xxctl job` / `xxctl cancel`, through the job's shard: the executor answers
+        (an executor without ``describe``/``cancel`` says so)."""
+        state = self.jobs.get(m.job, "unknown")
+        if type(m) is wire.JobQuery:
+            describe = getattr(self.ex, "describe", None)
+            more = describe(m.job) if describe is not None else {}
+            return wire.StatusReply({"node": self.node_id, "state": state, **more})
+        cancel = getattr(self.ex, "cancel", None)
+        if cancel is None:
+            return wire.StatusReply({"ok": False, "reason": "this executor cannot cancel"})
+        return wire.StatusReply(cancel(m.job, m.reason))
 
     def _on_place(self, m: wire.Place, shard: Addr) -> Message:
         if m.job in self.jobs:

@@ -1,4 +1,4 @@
-"""xxctl submit | shards | idle | nodes -- talk to XX shards over the cluster protocol.
+"""xxctl submit | job | cancel | shards | idle | nodes -- talk to XX shards over the cluster protocol.
 
 --shard HOST:PORT[,HOST:PORT...] (or $XX_SHARDS) lists the shards, tried in order: a
 submission fails over to the next one.  --key-file (or $XX_CLUSTER_KEY_FILE, else
@@ -47,6 +47,10 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="job wall-clock limit")
     p.add_argument("--stdin", metavar="FILE", help="job input from FILE ('-': ours), <= 6 MB")
     p.add_argument("cmd", nargs="+", metavar="CMD", help="-- CMD [ARGS...]")
+    p = add("job", "a cluster job by id: where it is, how it ended, its output's tail", cmd_job)
+    p.add_argument("id", metavar="ID", help="the job id `submit` printed (32 hex digits)")
+    p = add("cancel", "cancel a cluster job by id (queued: dropped; running: killed)", cmd_cancel)
+    p.add_argument("id", metavar="ID", help="the job id `submit` printed (32 hex digits)")
     add("shards", "each shard's queues, idle-list length, nodes and drop counters", cmd_shards)
     add("idle", "each shard's idle list", cmd_idle)
     add("nodes", "the nodes each shard hears from", cmd_nodes)
@@ -163,6 +167,69 @@ async def _why_waiting(c: ClusterClient, jid: bytes) -> str:
         f"{where}, {queued} job(s) queued there; {row['nodes']} node(s) joined, "
         f"{row.get('idle', 0)} idle (the shard places when a node has room)"
     )
+
+
+def _job_id(text: str) -> bytes:
+    try:
+        jid = bytes.fromhex(text)
+    except ValueError:
+        jid = b""
+    if len(jid) != 16:
+        raise _Usage(f"{text!r} is not a job id (32 hex digits, as `submit` prints)")
+    return jid
+
+
+async def cmd_job(args) -> int:
+    jid = _job_id(args.id)
+    async with _client(args) as c:
+        info = await c.job(jid)
+    if args.json:
+        print(json.dumps({"job": jid.hex(), **info}, indent=2))
+        return 0 if info.get("state") != "unknown" else 1
+    if info.get("state") == "unknown":
+        print(f"job {jid.hex()}: unknown to every shard ({info.get('reason', 'not held')})")
+        return 1
+    node = info.get("on_node") or {}
+    where = f" on {info['node']}" if info.get("node") else ""
+    print(f"job {jid.hex()}: {info['state']}{where} (shard {info.get('shard', '?')})")
+    if "class" in info:
+        print(f"  class {info['class']}, waited {info.get('waited_s', 0):.1f} s at the shard")
+    if "local" in node:
+        print(
+            f"  node job {node['local']}"
+            + (f": {node['local_state']}" if "local_state" in node else "")
+        )
+    if "error" in node:
+        print(f"  node: {node['error']}")
+    res = node.get("result")
+    if res is not None:
+        used = ""
+        if "cpu_ms" in res:
+            used = f"; cpu {res['cpu_ms']:.1f} ms, wall {res.get('wall_ms', 0):.1f} ms"
+        print(f"  ended: {outcome.words(res)}{used}")
+    elif "status" in info:
+        print(f"  ended: {outcome.words({'status': info['status']})}")
+    for stream in ("stdout", "stderr"):
+        if node.get(stream):
+            cut = node.get(f"{stream}_cut", 0)
+            print(f"  {stream}" + (f" (last 2 KiB; {cut} bytes before)" if cut else "") + ":")
+            for line in node[stream].splitlines():
+                print(f"    {line}")
+    return 0
+
+
+async def cmd_cancel(args) -> int:
+    jid = _job_id(args.id)
+    async with _client(args) as c:
+        r = await c.cancel(jid, f"xxctl cancel by uid {os.getuid()}")
+    if args.json:
+        print(json.dumps({"job": jid.hex(), **r}, indent=2))
+    elif r.get("ok"):
+        what = r.get("state") or f"killed on {r.get('node', '?')} (job {r.get('local', '?')})"
+        print(f"job {jid.hex()}: {what}")
+    else:
+        print(f"xxctl cancel: job {jid.hex()}: {r.get('reason') or 'refused'}", file=sys.stderr)
+    return 0 if r.get("ok") else 1
 
 
 async def _status(args, what: str) -> list[dict]:

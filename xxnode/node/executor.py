@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+from collections import OrderedDict
 
 import msgspec
 
@@ -35,6 +36,8 @@ from xxnode.node.jobs import SpecError
 from xxnode.node.recovery import Placement
 
 OUTPUT_BUDGET = wire.MAX_PAYLOAD - 4096  # both streams, as the DONE's payload carries them
+TAIL = 2048  # bytes of each stream `xxctl job` shows: with the rest, one datagram
+KEEP_LOCAL_IDS = 10_000
 
 
 def place_record(m: wire.Place) -> dict:
@@ -59,6 +62,12 @@ class NodeExecutor:
         self.node = node
         self.total_bytes = node.memory.sample().total
         self.placements = dict(placements or {})  # cluster job hex -> unsettled placement
+        # cluster job hex -> our job id, for `xxctl job` / `cancel` (bounded; a restart
+        # keeps only the unsettled ones)
+        self.local_of: OrderedDict[str, str] = OrderedDict(
+            (h, p.local) for h, p in self.placements.items() if p.local
+        )
+        self.refusals: OrderedDict[str, str] = OrderedDict()  # cluster job hex -> why not run
 
     # -- ledger -------------------------------------------------------------------------
     def placed(self, m: wire.Place, shard: wire.Addr) -> None:
@@ -125,10 +134,51 @@ class NodeExecutor:
         try:
             local = self.node.submit(req, cluster=cluster)
         except SpecError as e:
+            self.refusals[job.id.hex()] = str(e)
+            while len(self.refusals) > KEEP_LOCAL_IDS:
+                self.refusals.popitem(last=False)
             return {"status": wire.FAILED_START, "error": f"job refused: {e}"}
         if p is not None:
             p.local = local.id
+        self._remember(job.id.hex(), local.id)
         return self._reported(local.id, await self.node.wait(local.id))
+
+    def _remember(self, hexid: str, local: str) -> None:
+        self.local_of[hexid] = local
+        while len(self.local_of) > KEEP_LOCAL_IDS:
+            self.local_of.popitem(last=False)
+
+    # -- `xxctl job` / `xxctl cancel`, through the job's shard ----------------------------
+    def describe(self, job: bytes) -> dict:
+        """Our job for this cluster job: its state, and once done its result and the tail
+        of each stream (what fits a datagram; `submit --wait` gets them whole)."""
+        local = self.local_of.get(job.hex())
+        if local is None:
+            why = self.refusals.get(job.hex())
+            refused = {"status": wire.FAILED_START, "error": f"job refused: {why}"}
+            return {} if why is None else {"result": refused}
+        out: dict = {"local": local}
+        running = self.node.jobs.get(local)
+        if running is not None:
+            out["local_state"] = running.state
+            return out
+        res = self.node.finished.get(local)
+        if res is None:
+            return out
+        keep = ("state", "reason", "exit_code", "signal", "cpu_ms", "wall_ms", "charge_uc")
+        out["result"] = {k: res[k] for k in keep if k in res}
+        for stream in ("stdout", "stderr"):
+            data = self._read(local, stream, self.node.cfg.output_limit)
+            out[stream] = data[-TAIL:].decode(errors="replace")
+            out[f"{stream}_cut"] = max(len(data) - TAIL, 0)
+        return out
+
+    def cancel(self, job: bytes, reason: str) -> dict:
+        local = self.local_of.get(job.hex())
+        if local is None:
+            return {"ok": False, "reason": "no job of that id on this node"}
+        r = self.node.kill(local, f"cancelled: {reason}")
+        return {"ok": bool(r.get("ok")), "reason": r.get("error", ""), "local": local}
 
     def _reported(self, local: str, res: dict) -> dict:
         """The result a DONE carries: the node's record, the cluster status, and both

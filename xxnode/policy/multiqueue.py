@@ -98,6 +98,16 @@ class MultiQueue:
         self._n -= 1
         return job, cls
 
+    def remove(self, job: Hashable, cls: str) -> bool:
+        """Take a queued ``job`` out (a cancel: rare, so a scan); False if not queued."""
+        q = self._queues.get(cls, ())
+        for i, (j, _) in enumerate(q):
+            if j == job:
+                del q[i]
+                self._n -= 1
+                return True
+        return False
+
     def by_class(self) -> dict[str, int]:
         return {cls: len(q) for cls, q in self._queues.items()}
 

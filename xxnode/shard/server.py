@@ -24,6 +24,7 @@ decisions themselves are pure functions in ``xxnode.policy``, and durability is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -43,6 +44,7 @@ from xxnode.wire import Addr, Message
 
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
+KEEP_RAN_ON = 10_000  # finished jobs whose node `xxctl job` can still name
 SUMMARY_S = 10.0  # the shard's periodic info line
 STATUS_PAGE = 40  # rows per STATUS reply: ~5 KB, well inside a datagram
 log = logging.getLogger("xxshard")
@@ -70,6 +72,7 @@ class Shard(wire.Service):
         self.jobs: dict[bytes, QueuedJob] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.finished: OrderedDict[bytes, int] = OrderedDict()
+        self.ran_on: OrderedDict[bytes, str] = OrderedDict()  # finished job -> its node
         self.grants: dict[bytes, str] = {}
         self.counts: dict[str, int] = dict.fromkeys(
             (
@@ -100,6 +103,8 @@ class Shard(wire.Service):
             wire.LenQuery: self._on_len_query,
             wire.Claim: self._on_claim,
             wire.Done: self._on_done,
+            wire.JobQuery: self._on_job_query,
+            wire.Cancel: self._on_cancel,
             wire.Status: self._on_status,
         }
 
@@ -284,6 +289,61 @@ class Shard(wire.Service):
         self._unplace(job)
         self._finish(job, m.status)
         return _when(self._unsynced.get(m.job), None)
+
+    async def _on_job_query(self, m: wire.JobQuery, addr: Addr) -> Message:
+        """Where the job is; once placed, what its node says of it (its result and output
+        once done). A job this shard never held is "unknown" (the client asks the others)."""
+        job = self.jobs.get(m.job)
+        node_id = job.node if job is not None else self.ran_on.get(m.job)
+        if job is not None:
+            data = {"state": job.state, "class": job.cls, "node": job.node,
+                    "waited_s": round(self.clock() - job.t_enq, 3)}  # fmt: skip
+        elif m.job in self.finished:
+            data = {"state": "done", "status": self.finished[m.job], "node": node_id}
+        else:
+            return wire.StatusReply({"state": "unknown"})
+        n = self.nodes.get(node_id) if node_id else None
+        if n is not None:
+            try:
+                rep = await self.ep.request(n.addr, m, timeout=2.0)
+                data["on_node"] = rep.data if type(rep) is wire.StatusReply else {"error": rep.kind}
+            except TimeoutError:
+                data["on_node"] = {"error": f"{node_id} did not answer"}
+        return wire.StatusReply({"shard": wire.fmt_addr(self.ep.addr), **data})
+
+    async def _on_cancel(self, m: wire.Cancel, addr: Addr) -> Message:
+        """A queued job ends here, CANCELLED (its arbiter told); a placed one is killed by its
+        node, and its DONE comes as any job's does."""
+        job = self.jobs.get(m.job)
+        if job is None:
+            why = "already finished" if m.job in self.finished else "not held by this shard"
+            return wire.StatusReply({"ok": False, "reason": why})
+        log.info(
+            "job %s (%s) cancel asked by %s: %s",
+            m.job.hex(),
+            job.cls,
+            wire.fmt_addr(addr),
+            m.reason,
+        )
+        if job.state == "queued" and self.mq.remove(job.id, job.cls):
+            self._finish(job, wire.CANCELLED)
+            if job.place.arbiter:  # the submitter waits on its arbiter's word
+                done = wire.Done(job.id, "", wire.CANCELLED, {"error": f"cancelled: {m.reason}"})
+                self._spawn(self._tell(job.place.arbiter, done))
+            return wire.StatusReply({"ok": True, "state": "cancelled while queued"})
+        n = self.nodes.get(job.node) if job.node else None
+        if n is None:
+            return wire.StatusReply({"ok": False, "reason": "being placed; ask again"})
+        try:
+            rep = await self.ep.request(n.addr, m, timeout=2.0)
+        except TimeoutError:
+            return wire.StatusReply({"ok": False, "reason": f"{n.id} did not answer"})
+        data = rep.data if type(rep) is wire.StatusReply else {"ok": False, "reason": rep.kind}
+        return wire.StatusReply({**data, "node": n.id})
+
+    async def _tell(self, who: str, msg: Message) -> None:
+        with contextlib.suppress(TimeoutError, ValueError):
+            await self.ep.request(wire.parse_addr(who), msg, timeout=10.0)
 
     def _on_status(self, m: wire.Status, addr: Addr):
         if m.what in ("idle", "nodes"):
@@ -502,6 +562,10 @@ class Shard(wire.Service):
         self.finished[job.id] = status
         while len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
+        if job.node:
+            self.ran_on[job.id] = job.node  # for `xxctl job`: the node holds the result
+            while len(self.ran_on) > KEEP_RAN_ON:
+                self.ran_on.popitem(last=False)
         if status != wire.DENIED:
             self.counts["done"] += 1
         self._kick()
@@ -576,7 +640,11 @@ class Shard(wire.Service):
 
 
 def _status_words(status: int) -> str:
-    return {wire.NODE_LOST: "node lost", wire.FAILED_START: "not started"}.get(
+    return {
+        wire.NODE_LOST: "node lost",
+        wire.FAILED_START: "not started",
+        wire.CANCELLED: "cancelled",
+    }.get(  # fmt: skip
         status, f"exit status {status}"
     )
 

@@ -77,6 +77,7 @@ from xxnode.wire.endpoint import (  # noqa: F401
     parse_addr,
 )
 from xxnode.wire.messages import (  # noqa: F401
+    CANCELLED,
     DENIED,
     FAILED_START,
     I32,
@@ -89,6 +90,7 @@ from xxnode.wire.messages import (  # noqa: F401
     U64,
     Accept,
     Ack,
+    Cancel,
     Claim,
     Digest,
     Done,
@@ -101,6 +103,7 @@ from xxnode.wire.messages import (  # noqa: F401
     IdleLeave,
     IdleUpdate,
     JobId,
+    JobQuery,
     LenQuery,
     LenReply,
     Message,

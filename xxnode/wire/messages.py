@@ -157,6 +157,15 @@ class Error(Message, tag=23):
     reason: str
 
 
+class JobQuery(Message, tag=24):  # client -> shard -> node: where is it, how did it end
+    job: JobId
+
+
+class Cancel(Message, tag=25):  # client -> shard -> node
+    job: JobId
+    reason: Name
+
+
 MESSAGES: tuple[type[Message], ...] = (
     Submit,
     SubmitAck,
@@ -181,6 +190,8 @@ MESSAGES: tuple[type[Message], ...] = (
     StatusReply,
     NodeLost,
     Error,
+    JobQuery,
+    Cancel,
 )
 for _m in MESSAGES:  # SubmitAck -> "submit_ack"
     _m.kind = "".join("_" + c.lower() if c.isupper() else c for c in _m.__name__).lstrip("_")
@@ -190,3 +201,4 @@ TYPES: dict[int, type[Message]] = {m.__struct_config__.tag: m for m in MESSAGES}
 NODE_LOST = -1000  # the node running it died (declared policy: report, do not retry)
 DENIED = -1001  # the arbiter gave the job to another node; nothing ran here
 FAILED_START = -1002  # the executor could not run it
+CANCELLED = -1003  # cancelled while queued at its shard: nothing ran
