@@ -282,7 +282,8 @@ def test_idle_and_nodes_lists_longer_than_a_datagram_come_whole():
     """300 nodes do not fit one STATUS reply (9 KB): the shard pages its lists and the
     client joins the pages, so `xxctl nodes` works on a real fleet."""
     from xxnode.config import builtin_classes as default_classes
-    from xxnode.shard.server import STATUS_PAGE, Shard
+    from xxnode.shard.answers import STATUS_PAGE
+    from xxnode.shard.server import Shard
 
     n_nodes = 300
 

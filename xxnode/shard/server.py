@@ -15,16 +15,16 @@ the shell around them -- sockets, timers, retransmission, failure handling:
 * CLAIM (when the submitter left arbitration to us): the first node to claim a job
   gets it; any other is denied.
 
-Why one class of ~550 lines: admission, placement and failure handling all move the same
+Why one class of ~560 lines: admission, placement and failure handling all move the same
 job and node tables (``shard/records.py``) and the in-flight count, on one event loop; the
-decisions themselves are pure functions in ``xxnode.policy``, and durability is
-``shard/store.py``.
+decisions themselves are pure functions in ``xxnode.policy``, durability is
+``shard/store.py``, and what the shard answers about itself and its jobs (status, job,
+cancel, the periodic summary) is ``shard/answers.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -38,6 +38,7 @@ from xxnode.config.shard import ShardParams
 from xxnode.policy import probe
 from xxnode.policy.idle_list import IdleList
 from xxnode.policy.multiqueue import MultiQueue
+from xxnode.shard.answers import Answers
 from xxnode.shard.records import NodeRecord, QueuedJob
 from xxnode.shard.store import ShardStore
 from xxnode.wire import Addr, Message
@@ -45,13 +46,11 @@ from xxnode.wire import Addr, Message
 MAX_INFLIGHT = 64  # placements in flight; the rest wait in class order in the multi-queue
 KEEP_FINISHED = 100_000  # job ids remembered after completion, for idempotent resubmits
 KEEP_RAN_ON = 10_000  # finished jobs whose node `xxctl job` can still name
-SUMMARY_S = 10.0  # the shard's periodic info line
-STATUS_PAGE = 40  # rows per STATUS reply: ~5 KB, well inside a datagram
 log = logging.getLogger("xxshard")
 KEEP_UNSURE = 10_000  # per node: timed-out placements remembered (see NodeRecord.unsure)
 
 
-class Shard(wire.Service):
+class Shard(Answers, wire.Service):
     def __init__(
         self,
         classes: ClassTable,
@@ -290,103 +289,6 @@ class Shard(wire.Service):
         self._finish(job, m.status)
         return _when(self._unsynced.get(m.job), None)
 
-    async def _on_job_query(self, m: wire.JobQuery, addr: Addr) -> Message:
-        """Where the job is; once placed, what its node says of it (its result and output
-        once done). A job this shard never held is "unknown" (the client asks the others)."""
-        job = self.jobs.get(m.job)
-        node_id = job.node if job is not None else self.ran_on.get(m.job)
-        if job is not None:
-            data = {"state": job.state, "class": job.cls, "node": job.node,
-                    "waited_s": round(self.clock() - job.t_enq, 3)}  # fmt: skip
-        elif m.job in self.finished:
-            data = {"state": "done", "status": self.finished[m.job], "node": node_id}
-        else:
-            return wire.StatusReply({"state": "unknown"})
-        n = self.nodes.get(node_id) if node_id else None
-        if n is not None:
-            try:
-                rep = await self.ep.request(n.addr, m, timeout=2.0)
-                data["on_node"] = rep.data if type(rep) is wire.StatusReply else {"error": rep.kind}
-            except TimeoutError:
-                data["on_node"] = {"error": f"{node_id} did not answer"}
-        return wire.StatusReply({"shard": wire.fmt_addr(self.ep.addr), **data})
-
-    async def _on_cancel(self, m: wire.Cancel, addr: Addr) -> Message:
-        """A queued job ends here, CANCELLED (its arbiter told); a placed one is killed by its
-        node, and its DONE comes as any job's does."""
-        job = self.jobs.get(m.job)
-        if job is None:
-            why = "already finished" if m.job in self.finished else "not held by this shard"
-            return wire.StatusReply({"ok": False, "reason": why})
-        log.info(
-            "job %s (%s) cancel asked by %s: %s",
-            m.job.hex(),
-            job.cls,
-            wire.fmt_addr(addr),
-            m.reason,
-        )
-        if job.state == "queued" and self.mq.remove(job.id, job.cls):
-            self._finish(job, wire.CANCELLED)
-            if job.place.arbiter:  # the submitter waits on its arbiter's word
-                done = wire.Done(job.id, "", wire.CANCELLED, {"error": f"cancelled: {m.reason}"})
-                self._spawn(self._tell(job.place.arbiter, done))
-            return wire.StatusReply({"ok": True, "state": "cancelled while queued"})
-        n = self.nodes.get(job.node) if job.node else None
-        if n is None:
-            return wire.StatusReply({"ok": False, "reason": "being placed; ask again"})
-        try:
-            rep = await self.ep.request(n.addr, m, timeout=2.0)
-        except TimeoutError:
-            return wire.StatusReply({"ok": False, "reason": f"{n.id} did not answer"})
-        data = rep.data if type(rep) is wire.StatusReply else {"ok": False, "reason": rep.kind}
-        return wire.StatusReply({**data, "node": n.id})
-
-    async def _tell(self, who: str, msg: Message) -> None:
-        with contextlib.suppress(TimeoutError, ValueError):
-            await self.ep.request(wire.parse_addr(who), msg, timeout=10.0)
-
-    def _on_status(self, m: wire.Status, addr: Addr):
-        if m.what in ("idle", "nodes"):
-            rows = self._idle_rows() if m.what == "idle" else self._node_rows()
-            page = rows[m.start : m.start + STATUS_PAGE]
-            more = m.start + STATUS_PAGE < len(rows)
-            return wire.StatusReply({m.what: page, "next": m.start + STATUS_PAGE if more else None})
-        data = {
-            "addr": wire.fmt_addr(self.ep.addr),
-            "queued": self.mq.by_class(),
-            "jobs": len(self.jobs),
-            "idle": len(self.idle),
-            "nodes": len(self.nodes),
-            "counts": self.counts,
-            "dropped": dict(self.ep.codec.dropped),
-            "transport": dict(self.ep.stats),
-        }
-        return wire.StatusReply(data)
-
-    def _idle_rows(self) -> list[dict]:
-        listed = list(self.nodes) + [x for x in self.idle.machines() if x not in self.nodes]
-        return [
-            {"node": nid, "free": e[0], "jobs": e[1]}
-            for nid in listed
-            if (e := self.idle.entry(nid)) is not None
-        ]
-
-    def _node_rows(self) -> list[dict]:
-        now = self.clock()
-        return [
-            {
-                "node": n.id,
-                "addr": wire.fmt_addr(n.addr),
-                "age": round(now - n.last_seen, 3),
-                "free": n.free,
-                "total": n.total,
-                "jobs": n.jobs,
-                "placed": len(n.placed),
-                "idle": n.id in self.idle,
-            }
-            for n in self.nodes.values()
-        ]
-
     # placement -------------------------------------------------------------------------
     def _kick(self) -> None:
         """Run a placement pass soon: once per event-loop pass, however many events
@@ -569,22 +471,6 @@ class Shard(wire.Service):
         if status != wire.DENIED:
             self.counts["done"] += 1
         self._kick()
-
-    async def _summarize(self) -> None:
-        """Every SUMMARY_S with anything new, one info line of what the shard did."""
-        last = dict(self.counts)
-        while True:
-            await asyncio.sleep(SUMMARY_S)
-            d = {k: v - last.get(k, 0) for k, v in self.counts.items()}
-            last = dict(self.counts)
-            if any(d.values()):
-                log.info(
-                    "last %g s: %d submitted, %d rejected, %d placed, %d done, %d requeued, "
-                    "%d refused by nodes, %d nodes lost; now %d held, %d queued, %d nodes "
-                    "(%d idle)", SUMMARY_S, d["submitted"], d["rejected"], d["placed"],
-                    d["done"], d["requeued"], d["refused"], d["nodes_lost"], len(self.jobs),
-                    len(self.mq), len(self.nodes), len(self.idle),
-                )  # fmt: skip
 
     # failure detection -----------------------------------------------------------------
     async def _monitor(self) -> None:
