@@ -4,7 +4,7 @@ killed with -9, and restarted — the waiting submitter still gets the job's rea
 and the job ran exactly once (each run appends a line to a file the test counts).
 
 The crash points between two journal writes come from XXNODE_TEST_CRASH, which makes the
-node SIGKILL itself right after the named write (xxnode/node/daemon.py: crash_point)."""
+node SIGKILL itself right after the named write (xxnode/node/crash.py)."""
 
 from __future__ import annotations
 

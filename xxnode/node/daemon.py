@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from collections import OrderedDict
 
@@ -23,8 +22,9 @@ from xxnode.config import NodeConfig
 from xxnode.journal import Journal
 from xxnode.kernel import clone3
 from xxnode.kernel.cgroup import CgroupError
+from xxnode.node import executor, recovery, status
 from xxnode.node import jobs as J
-from xxnode.node import recovery, status
+from xxnode.node.crash import crash_point
 from xxnode.node.host import Host, StartupError
 from xxnode.node.job_cgroup import JobCgroup
 from xxnode.node.jobs import Job
@@ -35,14 +35,6 @@ from xxnode.policy.node_queue import NodeQueue
 __all__ = ["Node", "StartupError"]
 
 log = logging.getLogger("xxnode")
-
-CRASH_ENV = "XXNODE_TEST_CRASH"  # tests: SIGKILL ourselves right after a named journal write
-
-
-def crash_point(name: str) -> None:
-    """The restart tests' seam: die as `kill -9` would, at the one instant they name."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Node:
@@ -102,8 +94,6 @@ class Node:
         self.start_queued()
         memory_task = self.loop.create_task(self.memory.run())
         if self.cfg.cluster is not None:
-            from xxnode.node import executor
-
             self.dispatcher = await executor.start(self, self.cfg.cluster, rec.placements)
             log.info("dispatcher %s serving shards %s", self.dispatcher.node_id,
                      ", ".join(self.cfg.cluster.shards))  # fmt: skip

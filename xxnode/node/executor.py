@@ -31,7 +31,7 @@ import msgspec
 from xxnode import wire
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
-from xxnode.node.daemon import crash_point
+from xxnode.node.crash import crash_point
 from xxnode.node.jobs import SpecError
 from xxnode.node.recovery import Placement
 
