@@ -196,6 +196,20 @@ async def client_at(cluster: Cluster, host=LOOPBACK, **kw) -> AsyncIterator[Clus
         await c.close()
 
 
+async def wait_idle_listed(client: ClusterClient, node_ids: list[str], timeout: float = 30.0):
+    """Until each of ``node_ids`` is on some shard's idle list (where a burst of jobs is
+    placed: a node not listed then gets none of it, by design) -- polled."""
+    deadline = time.monotonic() + timeout
+    listed: set[str] = set()
+    while time.monotonic() < deadline:
+        rows = await client.status("idle")
+        listed = {e["node"] for r in rows for e in r.get("idle", [])}
+        if set(node_ids) <= listed:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not idle-listed in {timeout} s: {sorted(set(node_ids) - listed)}")
+
+
 async def wait_registered(client: ClusterClient, n_nodes: int, timeout: float = 10.0):
     """Until every shard hears every node (the dispatchers' HELLO) -- an event, polled."""
     deadline = time.monotonic() + timeout
