@@ -5,6 +5,9 @@ window; swap can be configured but off), so every probe acts: it makes a scratch
 sets SCHED_FIFO on a parked child, arms a trigger, reclaims real pages. A failed probe names
 the degraded mode XX runs in instead (DESIGN.md principle 3), or says that xxnode refuses to
 start without it (cgroup2, SCHED_FIFO, clone3 into a cgroup). Nothing is left behind.
+
+Why one module of ~400 lines: fourteen short probes that share the scratch cgroup, the
+parked child and the table of degraded modes `xxctl doctor` prints beside them.
 """
 
 from __future__ import annotations
