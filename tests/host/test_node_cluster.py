@@ -23,7 +23,8 @@ REPORT = ["/bin/sh", "-c", "cat /proc/self/cgroup; cat /proc/self/sched | grep -
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def lone_shard(tmp_path):
+    """One xxshard with no node joined (yet): its address and the cluster key file."""
     kf = tmp_path / "cluster.key"
     kf.write_text(os.urandom(32).hex())
     shard = subprocess.Popen(
@@ -31,9 +32,19 @@ def cluster(tmp_path):
          "--key-file", str(kf)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    line = shard.stdout.readline()
-    assert "listening on" in line, line
-    addr = line.split()[-1]
+    try:
+        line = shard.stdout.readline()
+        assert "listening on" in line, line
+        yield line.split()[-1], kf
+    finally:
+        shard.kill()
+        shard.wait()
+        shard.stdout.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, lone_shard):
+    addr, kf = lone_shard
     node = Daemon(
         tmp_path / "node",
         extra=f"output_limit = {OUTPUT_LIMIT}\n"
@@ -43,9 +54,23 @@ def cluster(tmp_path):
     node.start()
     yield node, [wire.parse_addr(addr)], wire.load_key(kf), addr, kf
     node.cleanup()
-    shard.kill()
-    shard.wait()
-    shard.stdout.close()
+
+
+def _ctl(addr, kf, *argv):
+    return subprocess.run(
+        [XXCTL, *argv[:1], "--shard", addr, "--key-file", str(kf), *argv[1:]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def _until(pred, what: str, timeout: float = 30.0):
+    """Poll ``pred`` (a detached job has no event to wait on) until it returns a value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (v := pred()) is not None:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout} s")
 
 
 async def _submit(shards, key, cls, argv):
@@ -109,30 +134,14 @@ def test_submit_wait_says_what_the_node_cut(cluster):
     assert r.stderr.startswith(b"oops\n")
 
 
-def test_submit_wait_with_no_node_says_why_and_honours_its_timeout(tmp_path):
+def test_submit_wait_with_no_node_says_why_and_honours_its_timeout(lone_shard):
     """A shard with no node joined: `submit --wait` says nothing can take the job, then
     gives up at --wait-timeout with exit 124, and the job is not started by anyone later
     (its arbiter is gone) -- nor is it left counted as running."""
-    kf = tmp_path / "cluster.key"
-    kf.write_text(os.urandom(32).hex())
-    shard = subprocess.Popen(
-        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
-         "--key-file", str(kf)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        addr = shard.stdout.readline().split()[-1]
-        t0 = time.monotonic()
-        r = subprocess.run(
-            [XXCTL, "submit", "--wait", "--wait-timeout", "3", "--shard", addr,
-             "--key-file", str(kf), "--class", "high", "--", "true"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        took = time.monotonic() - t0
-    finally:
-        shard.kill()
-        shard.wait()
-        shard.stdout.close()
+    addr, kf = lone_shard
+    t0 = time.monotonic()
+    r = _ctl(addr, kf, "submit", "--wait", "--wait-timeout", "3", "--class", "high", "--", "true")
+    took = time.monotonic() - t0
     assert r.returncode == 124, r
     assert "no node has joined that shard, so nothing can take it" in r.stderr
     assert "gave up after 3 s" in r.stderr and "will not start now" in r.stderr
@@ -148,23 +157,6 @@ def test_wait_timeout_without_wait_is_a_usage_error(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2 and "--wait-timeout needs --wait" in r.stderr
-
-
-def _ctl(addr, kf, *argv):
-    return subprocess.run(
-        [XXCTL, *argv[:1], "--shard", addr, "--key-file", str(kf), *argv[1:]],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-
-
-def _until(pred, what: str, timeout: float = 30.0):
-    """Poll ``pred`` (a detached job has no event to wait on) until it returns a value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (v := pred()) is not None:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_xxctl_job_shows_a_job_the_node_refused_after_placement(cluster):
@@ -210,32 +202,20 @@ def test_xxctl_cancel_kills_a_running_cluster_job_and_its_submitter_hears(cluste
     assert _ctl(addr, kf, "cancel", jid.hex()).returncode == 1  # already finished
 
 
-def test_a_job_cancelled_while_queued_ends_cancelled_and_nothing_runs(tmp_path):
+def test_a_job_cancelled_while_queued_ends_cancelled_and_nothing_runs(lone_shard):
     """No node joined: the job waits at the shard; cancelled, its waiting submitter gets
     CANCELLED at once, and the shard remembers how it ended."""
-    kf = tmp_path / "cluster.key"
-    kf.write_text(os.urandom(32).hex())
-    shard = subprocess.Popen(
-        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
-         "--key-file", str(kf)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        addr = shard.stdout.readline().split()[-1]
+    addr, kf = lone_shard
 
-        async def go():
-            async with ClusterClient([wire.parse_addr(addr)], wire.load_key(kf)) as c:
-                jid = await c.submit("high", {"argv": ["true"]})
-                queued = await c.job(jid)
-                r = await c.cancel(jid, "test")
-                return jid, queued, r, await c.result(jid, timeout=10)
+    async def go():
+        async with ClusterClient([wire.parse_addr(addr)], wire.load_key(kf)) as c:
+            jid = await c.submit("high", {"argv": ["true"]})
+            queued = await c.job(jid)
+            r = await c.cancel(jid, "test")
+            return jid, queued, r, await c.result(jid, timeout=10)
 
-        jid, queued, r, res = asyncio.run(go())
-        after = json.loads(_ctl(addr, kf, "job", jid.hex(), "--json").stdout)
-    finally:
-        shard.kill()
-        shard.wait()
-        shard.stdout.close()
+    jid, queued, r, res = asyncio.run(go())
+    after = json.loads(_ctl(addr, kf, "job", jid.hex(), "--json").stdout)
     assert queued["state"] == "queued" and queued["class"] == "high" and queued["node"] is None
     assert r == {"ok": True, "state": "cancelled while queued"}
     assert res["status"] == wire.CANCELLED and "cancelled: test" in res["error"]

@@ -251,7 +251,7 @@ class ClusterClient:
     async def cancel(self, job: bytes, reason: str = "cancelled by request", timeout=5.0) -> dict:
         """Cancel ``job`` wherever it is: {"ok", "state" | "reason", ...}."""
         return await self._ask_shards(
-            wire.Cancel(job, reason), timeout, lambda d: d.get("reason") != "not held by this shard"
+            wire.Cancel(job, reason), timeout, lambda d: d.get("held", True)
         )
 
     async def _ask_shards(self, msg: Message, timeout: float, found) -> dict:

@@ -266,19 +266,12 @@ class Prober:
                     shim_policy=os.SCHED_OTHER, shim_priority=0, shim_cgroup=shims.path,
                 )  # fmt: skip
                 try:
-                    sp = clone3.spawn(req)
+                    rec = clone3.run_to_exit(req)
                 except clone3.SpawnError as e:
-                    if (sp := getattr(e, "spawned", None)) is not None:
-                        os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
-                        os.close(sp.shim_pidfd)
                     return False, f"launching /bin/true into {leaf.path}: {e}"
-                os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
-                os.close(sp.shim_pidfd)
-                sp.release()
-                rec = clone3.read_exit(jd) or {}
+            finally:  # both empty before scratch_cgroup removes them
                 watcher.wait(leaf, 5.0)
                 watcher.wait(shims, 5.0)
-            finally:
                 watcher.close()
                 shutil.rmtree(jd, ignore_errors=True)
         if rec.get("wait_status", -1) != 0:

@@ -229,6 +229,26 @@ def spawn(req: SpawnRequest) -> Spawned:
     return Spawned(pid, pidfd[0], rep.job_pid, rep.start_ns, block)
 
 
+def run_to_exit(req: SpawnRequest) -> dict[str, int]:
+    """Spawn, wait for the shim to exit, return its exit record ({} if it wrote none): the
+    node's self-test and the doctor's probe, where the launch itself is what is tested.
+    SpawnError as spawn() raises it, its shim (if any) already reaped."""
+    try:
+        sp = spawn(req)
+    except SpawnError as e:
+        if (sp := getattr(e, "spawned", None)) is not None:
+            _reap(sp)
+        raise
+    _reap(sp)
+    return read_exit(req.job_dir) or {}
+
+
+def _reap(sp: Spawned) -> None:
+    os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
+    os.close(sp.shim_pidfd)
+    sp.release()
+
+
 def _opendir(path: Path, fds: list[int]) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fds.append(fd)

@@ -134,19 +134,12 @@ class NodeExecutor:
         try:
             local = self.node.submit(req, cluster=cluster)
         except SpecError as e:
-            self.refusals[job.id.hex()] = str(e)
-            while len(self.refusals) > KEEP_LOCAL_IDS:
-                self.refusals.popitem(last=False)
+            _keep(self.refusals, job.id.hex(), str(e))
             return {"status": wire.FAILED_START, "error": f"job refused: {e}"}
         if p is not None:
             p.local = local.id
-        self._remember(job.id.hex(), local.id)
+        _keep(self.local_of, job.id.hex(), local.id)
         return self._reported(local.id, await self.node.wait(local.id))
-
-    def _remember(self, hexid: str, local: str) -> None:
-        self.local_of[hexid] = local
-        while len(self.local_of) > KEEP_LOCAL_IDS:
-            self.local_of.popitem(last=False)
 
     # -- `xxctl job` / `xxctl cancel`, through the job's shard ----------------------------
     def describe(self, job: bytes) -> dict:
@@ -168,10 +161,20 @@ class NodeExecutor:
         keep = ("state", "reason", "exit_code", "signal", "cpu_ms", "wall_ms", "charge_uc")
         out["result"] = {k: res[k] for k in keep if k in res}
         for stream in ("stdout", "stderr"):
-            data = self._read(local, stream, self.node.cfg.output_limit)
-            out[stream] = data[-TAIL:].decode(errors="replace")
-            out[f"{stream}_cut"] = max(len(data) - TAIL, 0)
+            size, tail = self._tail(local, stream)
+            out[stream] = tail.decode(errors="replace")
+            out[f"{stream}_cut"] = size - len(tail)
         return out
+
+    def _tail(self, local: str, stream: str) -> tuple[int, bytes]:
+        """(size, last TAIL bytes) of a stream: only the tail is read."""
+        try:
+            with open(self.node.host.job_dir(local) / stream, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(size - TAIL, 0))
+                return size, f.read(TAIL)
+        except FileNotFoundError:
+            return 0, b""
 
     def cancel(self, job: bytes, reason: str) -> dict:
         local = self.local_of.get(job.hex())
@@ -221,3 +224,10 @@ async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> D
     for m, shard, granted in ex.unsettled():
         d.resume(m, shard, granted)
     return d
+
+
+def _keep(table: OrderedDict, key: str, value: str) -> None:
+    """Remember ``key``, forgetting the oldest past KEEP_LOCAL_IDS."""
+    table[key] = value
+    while len(table) > KEEP_LOCAL_IDS:
+        table.popitem(last=False)

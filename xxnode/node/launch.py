@@ -85,24 +85,14 @@ class Launcher:
         req = self.request(c, leaf, jd, "/bin/true", ["true"], env={})
         try:
             try:
-                sp = clone3.spawn(req)
+                rec = clone3.run_to_exit(req)
             except clone3.SpawnError as e:
-                if (sp := getattr(e, "spawned", None)) is not None:
-                    _reap(sp)
                 raise StartupError(
                     f"self-test launch of /bin/true as {c.name} ({c.sched_text()}) failed: {e}"
                 ) from None
-            _reap(sp)
-            rec = clone3.read_exit(jd) or {}
             if rec.get("wait_status", -1) != 0:
                 raise StartupError(f"self-test launch of /bin/true exited with status {rec}")
         finally:
             shutil.rmtree(jd, ignore_errors=True)
             self.host.watcher.wait(leaf, UNPOPULATE_GRACE_S)
             leaf.remove()
-
-
-def _reap(sp: clone3.Spawned) -> None:
-    os.waitid(os.P_PIDFD, sp.shim_pidfd, os.WEXITED)
-    os.close(sp.shim_pidfd)
-    sp.release()

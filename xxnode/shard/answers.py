@@ -6,7 +6,6 @@ its tables and, for a cancel, end a queued job as the shard ends any."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from xxnode import wire
@@ -44,8 +43,9 @@ class Answers:
         node, and its DONE comes as any job's does."""
         job = self.jobs.get(m.job)
         if job is None:
-            why = "already finished" if m.job in self.finished else "not held by this shard"
-            return wire.StatusReply({"ok": False, "reason": why})
+            done = m.job in self.finished
+            why = "already finished" if done else "not held by this shard"
+            return wire.StatusReply({"ok": False, "held": done, "reason": why})
         log.info(
             "job %s (%s) cancel asked by %s: %s",
             m.job.hex(),
@@ -57,7 +57,7 @@ class Answers:
             self._finish(job, wire.CANCELLED)
             if job.place.arbiter:  # the submitter waits on its arbiter's word
                 done = wire.Done(job.id, "", wire.CANCELLED, {"error": f"cancelled: {m.reason}"})
-                self._spawn(self._tell(job.place.arbiter, done))
+                self._spawn(self._tell_arbiter(job.place.arbiter, done))
             return wire.StatusReply({"ok": True, "state": "cancelled while queued"})
         n = self.nodes.get(job.node) if job.node else None
         if n is None:
@@ -68,10 +68,6 @@ class Answers:
             return wire.StatusReply({"ok": False, "reason": f"{n.id} did not answer"})
         data = rep.data if type(rep) is wire.StatusReply else {"ok": False, "reason": rep.kind}
         return wire.StatusReply({**data, "node": n.id})
-
-    async def _tell(self, who: str, msg: Message) -> None:
-        with contextlib.suppress(TimeoutError, ValueError):
-            await self.ep.request(wire.parse_addr(who), msg, timeout=10.0)
 
     def _on_status(self, m: wire.Status, addr: Addr):
         if m.what in ("idle", "nodes"):

@@ -496,7 +496,7 @@ class Shard(Answers, wire.Service):
             if job is None or job.node != n.id:
                 continue
             if job.place.arbiter:
-                self._spawn(self._tell_arbiter(jid, job.place.arbiter, n.id))
+                self._spawn(self._tell_arbiter(job.place.arbiter, wire.NodeLost(jid, n.id)))
                 self._requeue(job, None)
             elif self.grants.get(jid) == n.id:
                 self._finish(job, wire.NODE_LOST)
@@ -512,16 +512,16 @@ class Shard(Answers, wire.Service):
         """A job the dead ``node`` may have taken without our seeing its ACCEPT: whoever
         granted it decides -- NODE_LOST if it had been granted there, else nothing."""
         if arbiter:
-            self._spawn(self._tell_arbiter(jid, arbiter, node))
+            self._spawn(self._tell_arbiter(arbiter, wire.NodeLost(jid, node)))
         elif self.grants.get(jid) == node and (job := self.jobs.get(jid)) is not None:
             self._unplace(job)
             self._finish(job, wire.NODE_LOST)
 
-    async def _tell_arbiter(self, jid: bytes, arbiter: str, node: str) -> None:
-        """NODE_LOST to the job's arbiter, which reports the job failed if it had granted
-        it to that node, and otherwise ignores it."""
+    async def _tell_arbiter(self, arbiter: str, msg: Message) -> None:
+        """A job's fate to its arbiter: NODE_LOST (which it reports as a failure if it had
+        granted the job to that node, and otherwise ignores) or a cancel's DONE."""
         try:
-            await self.ep.request(wire.parse_addr(arbiter), wire.NodeLost(jid, node), timeout=10.0)
+            await self.ep.request(wire.parse_addr(arbiter), msg, timeout=10.0)
         except (TimeoutError, ValueError):
             pass  # the submitter is gone: nobody is waiting for this job's fate
 
