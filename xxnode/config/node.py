@@ -16,6 +16,7 @@ from pathlib import Path
 from xxnode.classes import ClassTable, parse_classes
 from xxnode.config.cluster import ClusterConfig
 from xxnode.config.defaults import DEFAULT_CONFIG, builtin_tables, read_toml
+from xxnode.config.functions import FunctionsConfig
 from xxnode.config.memory import MemoryConfig
 from xxnode.schema import ConfigError, Key, check
 
@@ -56,18 +57,21 @@ class NodeConfig:
     max_timeout: float
     keep_finished: int
     memory: MemoryConfig = MemoryConfig()
+    functions: FunctionsConfig = FunctionsConfig()
     cluster: ClusterConfig | None = None  # None: a node on its own
     source: str = ""
 
 
 def parse(data: Mapping, source: str = "") -> NodeConfig:
-    unknown = set(data) - {"node", "class", "memory", "cluster"}
+    unknown = set(data) - {"node", "class", "memory", "cluster", "functions"}
     if unknown:
         raise ConfigError(
-            f"{sorted(unknown)[0]}: unknown table (expected [node], [memory], [cluster], [[class]])"
+            f"{sorted(unknown)[0]}: unknown table"
+            " (expected [node], [memory], [functions], [cluster], [[class]])"
         )
     cluster = ClusterConfig.from_dict(data["cluster"]) if "cluster" in data else None
     memory = MemoryConfig.from_dict(data.get("memory", {}))
+    functions = FunctionsConfig.from_dict(data.get("functions", {}))
     v = check("node", KEYS, data.get("node", {}))
     if v["default_timeout"] > v["max_timeout"]:
         raise ConfigError("node.default_timeout: must not exceed node.max_timeout")
@@ -98,6 +102,7 @@ def parse(data: Mapping, source: str = "") -> NodeConfig:
         max_timeout=v["max_timeout"],
         keep_finished=v["keep_finished"],
         memory=memory,
+        functions=functions,
         cluster=cluster,
         source=source,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from xxnode import classes
-from xxnode.config import cluster, memory, node, shard
+from xxnode.config import cluster, functions, memory, node, shard
 from xxnode.schema import Key
 
 HEAD = """\
@@ -29,6 +29,11 @@ FILES = (
         (
             ("[node]", node.KEYS, ""),
             ("[memory]", memory.KEYS, "The memory manager (docs/memory.md)."),
+            (
+                "[functions]",
+                functions.KEYS,
+                "Warm execution environments for functions (docs/functions.md).",
+            ),
             (
                 "[cluster]",
                 cluster.KEYS,

@@ -1,0 +1,326 @@
+"""Every function environment on one node: the code store, the uids, the zygote, the Runtime
+API listener, and which environment serves which invocation.
+
+An invocation goes to an idle environment of the same function version (warm_pool.pick_idle),
+else to a new one while the function has fewer than `max_concurrency`, else it waits — in
+class order, first come first served within a class — until one of that function's
+environments is idle again. Keep-alive and the per-function idle cap are warm_pool's
+decisions, timed to the next expiry (no polling).
+
+Cgroups: <root>/_envs/<env> per environment (the class changes per invocation, so the leaf is
+not under a class), <root>/_zygote for the zygote (never billed to a tenant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from xxnode.classes import ClassTable
+from xxnode.config.functions import FunctionsConfig
+from xxnode.kernel.cgroup import Cgroup, CgroupError
+from xxnode.kernel.cgroup_watch import PopulatedWatcher
+from xxnode.node.env import sandbox
+from xxnode.node.env.code import CodeStore
+from xxnode.node.env.environment import Environment
+from xxnode.node.env.function import FunctionVersion
+from xxnode.node.env.invocation import Invocation
+from xxnode.node.env.runtime_api import RuntimeApi
+from xxnode.node.env.zygote import SpawnFailed, Zygote
+from xxnode.policy import warm_pool
+
+log = logging.getLogger("xxnode")
+
+ENVS = "_envs"
+ZYGOTE = "_zygote"
+KEEP_RESULTS = 1000
+
+
+class FunctionsUnavailable(Exception):
+    """This node cannot run functions; the message says why (shown by status and doctor)."""
+
+
+class UidRange:
+    """Each environment its own uid (as systemd's DynamicUser): uid = identity at the Runtime
+    API, at kill(2), and on every file. A uid is reused only once its cgroup is empty."""
+
+    def __init__(self, first: int, count: int):
+        self.free = list(range(first, first + count))
+        heapq.heapify(self.free)
+
+    def take(self) -> int:
+        if not self.free:
+            raise FunctionsUnavailable("no free environment uid (functions.uid_count)")
+        return heapq.heappop(self.free)
+
+    def give(self, uid: int) -> None:
+        heapq.heappush(self.free, uid)
+
+
+class Pool:
+    def __init__(
+        self,
+        cfg: FunctionsConfig,
+        classes: ClassTable,
+        root: Cgroup,
+        enabled: set[str],
+        state_dir: Path,
+        hide: tuple[str, ...],
+        watcher: PopulatedWatcher,
+    ):
+        self.cfg, self.classes = cfg, classes
+        self.enabled = enabled
+        self.envs_cg = root.child(ENVS)
+        self.zygote_cg = root.child(ZYGOTE)
+        self.code = CodeStore(state_dir / "code", cfg.max_code_zipped, cfg.max_code_unpacked)
+        self.hide = hide
+        self.watcher = watcher
+        self.uids = UidRange(cfg.uid_first, cfg.uid_count)
+        self.by_uid: dict[int, Environment] = {}
+        self.envs: dict[str, Environment] = {}
+        self.waiting: dict[str, list] = {}  # function key -> heap of (-rank, seq, Invocation)
+        self.seq = itertools.count()
+        self.env_ids = itertools.count(1)
+        self.results: OrderedDict[str, dict] = OrderedDict()  # request id -> result (bounded)
+        self.api = RuntimeApi(self.by_uid.get)
+        self.zygote: Zygote | None = None  # started once the listener's address is known
+        self.keepalive: asyncio.TimerHandle | None = None
+        self.rates: dict[str, float] = {}  # invocations per second, decayed (victim value)
+        self.stats = {"invocations": 0, "cold": 0, "errors": 0, "timeouts": 0, "spawn_failed": 0}
+
+    async def start(self) -> None:
+        for d in (sandbox.TASK_ROOT,):
+            try:
+                os.makedirs(d, mode=0o755, exist_ok=True)
+            except OSError as e:
+                raise FunctionsUnavailable(
+                    f"cannot create the mount point {d}: {e.strerror}"
+                ) from None
+        try:
+            self.envs_cg.path.mkdir(exist_ok=True)
+            self.envs_cg.enable(self.enabled)
+            self.zygote_cg.path.mkdir(exist_ok=True)
+            for stale in self.envs_cg.children():  # environments of an earlier run
+                stale.kill()
+        except (OSError, CgroupError) as e:
+            raise FunctionsUnavailable(f"environment cgroups: {e}") from None
+        await self.api.start()
+        self.zygote = Zygote(self._exited, self.api.address, self.zygote_cg)
+        await self.zygote.start()
+
+    # -- invocations ------------------------------------------------------------------------
+    def register_code(self, path_or_bytes) -> str:
+        if isinstance(path_or_bytes, bytes | bytearray):
+            return self.code.put_zip(bytes(path_or_bytes))
+        return self.code.put_path(Path(path_or_bytes))
+
+    async def invoke(self, fn: FunctionVersion, payload: bytes, cls: str) -> dict:
+        c = self.classes.get(cls)
+        if c is None:
+            raise ValueError(
+                f"class: no such class {cls!r} (have {', '.join(self.classes.names())})"
+            )
+        loop = asyncio.get_running_loop()
+        inv = Invocation(
+            fn, payload, cls, fn.timeout, c.price, self.cfg.memory_price, self.cfg.log_limit
+        )
+        inv.future = loop.create_future()
+        self.stats["invocations"] += 1
+        self._note_rate(fn.key)
+        env = self._idle_env(fn.key)
+        if env is not None:
+            env.assign(inv, c)
+        elif self._count(fn.key) < self.cfg.max_concurrency:
+            asyncio.ensure_future(self._cold(fn, inv))
+        else:
+            heapq.heappush(self.waiting.setdefault(fn.key, []), (-c.rank, next(self.seq), inv))
+        result = await inv.future
+        self._remember(result)
+        return result
+
+    async def _cold(self, fn: FunctionVersion, inv: Invocation) -> None:
+        self.stats["cold"] += 1
+        try:
+            env = await self._spawn(fn)
+        except (SpawnFailed, FunctionsUnavailable, CgroupError, OSError) as e:
+            self.stats["spawn_failed"] += 1
+            inv.cold = True
+            inv.finish(None, "", {"errorType": "Runtime.SandboxError", "errorMessage": str(e)})
+            return
+        env.assign(inv, self.classes.get(inv.cls))
+
+    async def _spawn(self, fn: FunctionVersion) -> Environment:
+        code = self.code.path(fn.digest)
+        env_id = f"e{next(self.env_ids)}-{os.getpid()}"
+        uid = self.uids.take()
+        cg = self.envs_cg.child(env_id)
+        try:
+            cg.path.mkdir()
+            if "pids" in self.enabled:
+                cg.write("pids.max", self.cfg.max_processes)
+        except (OSError, CgroupError):
+            self.uids.give(uid)
+            raise
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        env = Environment(
+            env_id, fn, uid, cg, out_r, self.cfg.response_limit, self._idle, self._dead
+        )
+        self.envs[env_id] = env
+        self.by_uid[uid] = env
+        first = self.classes[0]
+        plan = sandbox.Plan(
+            cgroup=str(cg.path), uid=uid, gid=uid, code=str(code), tmp_size=self.cfg.tmp_size,
+            hide=self.hide, policy=first.sched_policy, priority=first.priority if first.is_rt else 0,
+            max_processes=self.cfg.max_processes,
+        )  # fmt: skip
+        req = {
+            "spawn": env_id,
+            "plan": plan.__dict__ | {"hide": list(plan.hide)},
+            "env": fn.environ(self.api.address, env_id, None),
+            "handler": fn.handler,
+        }
+        if fn.python and self.cfg.zygote:
+            req["mode"] = "python"
+        elif fn.python:
+            req |= {"mode": "exec", "argv": [sys.executable, "-m", "awslambdaric", fn.handler]}
+        else:
+            req |= {"mode": "exec", "argv": ["/var/task/bootstrap"]}
+        try:
+            env.pid = await self.zygote.spawn(req, out_w)
+        except SpawnFailed:
+            env.kill("spawn failed")
+            raise
+        finally:
+            os.close(out_w)
+        return env
+
+    def _idle_env(self, key: str) -> Environment | None:
+        """An idle one, else one that has just answered and is about to ask /next again (a
+        new environment would cost a cold start to save a fraction of a millisecond)."""
+        idle = [
+            warm_pool.IdleEnv(e.env_id, key, e.idle_since, 0, e.init_ms, False)
+            for e in self.envs.values()
+            if e.fn.key == key and e.state == "idle"
+        ]
+        pick = warm_pool.pick_idle(idle, key)
+        if pick is not None:
+            return self.envs[pick.env_id]
+        return next(
+            (e for e in self.envs.values() if e.fn.key == key and e.state == "answered"), None
+        )
+
+    def _count(self, key: str) -> int:
+        return sum(1 for e in self.envs.values() if e.fn.key == key)
+
+    # -- environment events -------------------------------------------------------------------
+    def _idle(self, env: Environment) -> None:
+        """An environment asks for work: the best waiting invocation of its function, if any."""
+        q = self.waiting.get(env.fn.key)
+        if q:
+            _, _, inv = heapq.heappop(q)
+            if not q:
+                del self.waiting[env.fn.key]
+            env.assign(inv, self.classes.get(inv.cls))
+            return
+        self._arm_keepalive()
+
+    def _dead(self, env: Environment) -> None:
+        self.envs.pop(env.env_id, None)
+        cg, uid = env.cgroup, env.uid
+
+        def gone():
+            if self.by_uid.get(uid) is env:
+                del self.by_uid[uid]
+            self.uids.give(uid)
+            try:
+                cg.remove()
+            except CgroupError as e:
+                log.debug("env %s cgroup: %s", env.env_id, e)
+
+        self.watcher.watch(cg, gone)
+        # an invocation waiting for this function may need a new environment now
+        q = self.waiting.get(env.fn.key)
+        if q and self._count(env.fn.key) < self.cfg.max_concurrency:
+            _, _, inv = heapq.heappop(q)
+            if not q:
+                del self.waiting[env.fn.key]
+            asyncio.ensure_future(self._cold(env.fn, inv))
+
+    def _exited(self, env_id: str, status: int) -> None:
+        env = self.envs.get(env_id)
+        if env is not None:
+            env.exited(status)
+
+    # -- keep-alive ---------------------------------------------------------------------------
+    def _idle_views(self) -> list[warm_pool.IdleEnv]:
+        return [
+            warm_pool.IdleEnv(e.env_id, e.fn.key, e.idle_since, 0, e.init_ms, False)
+            for e in self.envs.values()
+            if e.state == "idle"
+        ]
+
+    def _policy(self) -> warm_pool.PoolPolicy:
+        return warm_pool.PoolPolicy(self.cfg.keep_alive, self.cfg.max_idle_per_function)
+
+    def _arm_keepalive(self) -> None:
+        now = time.monotonic()
+        for eid in warm_pool.expired(self._idle_views(), now, self._policy()):
+            self.envs[eid].kill("keep-alive expired or over the idle cap")
+        if self.keepalive is not None:
+            self.keepalive.cancel()
+            self.keepalive = None
+        when = warm_pool.next_deadline(self._idle_views(), now, self._policy())
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self.keepalive = loop.call_at(loop.time() + (when - now), self._arm_keepalive)
+
+    def _note_rate(self, key: str) -> None:
+        self.rates[key] = self.rates.get(key, 0.0) + 1.0  # decayed in reclaim_candidates
+
+    # -- what it shows ------------------------------------------------------------------------
+    def _remember(self, result: dict) -> None:
+        r = result["report"]
+        if result["error"]:
+            self.stats["errors"] += 1
+            if result["error"].get("errorType") == "Sandbox.Timedout":
+                self.stats["timeouts"] += 1
+        self.results[r["request_id"]] = result
+        while len(self.results) > KEEP_RESULTS:
+            self.results.popitem(last=False)
+
+    def list_envs(self) -> list[dict]:
+        return [e.describe() for e in self.envs.values()]
+
+    def logs(self, ref: str) -> list[dict]:
+        """One invocation's log by request id, else the latest invocations of a function."""
+        if ref in self.results:
+            return [self.results[ref]]
+        return [r for r in self.results.values() if r["report"]["function"] == ref][-20:]
+
+    def status(self) -> dict:
+        by_state: dict[str, int] = {}
+        for e in self.envs.values():
+            s = e.describe()["state"]
+            by_state[s] = by_state.get(s, 0) + 1
+        return {
+            **self.stats,
+            "environments": by_state,
+            "waiting": sum(len(q) for q in self.waiting.values()),
+            "runtime_api": self.api.address,
+            "refused_connections": self.api.strangers,
+            "zygote": self.cfg.zygote,
+        }
+
+    def close(self) -> None:
+        for env in list(self.envs.values()):
+            env.kill("node stopping")
+        self.api.close()
+        if self.zygote is not None:
+            self.zygote.close()
