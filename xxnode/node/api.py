@@ -2,7 +2,9 @@
 object per line each way.
 
 Requests (op): status | classes | jobs {class?, limit?} | run {class, argv, env?, cwd?, stdin?
-(base64), timeout?, wait?} | wait {job} | kill {job} | output {job, stream, limit?}.
+(base64), timeout?, wait?} | wait {job} | kill {job} | output {job, stream, limit?} |
+fn_run {code, runtime, handler, class, payload? (base64), timeout?, name?, env?} | fn_envs |
+fn_logs {ref: request id or function name}.
 Every reply has "ok"; refusals carry "error". `run` replies once when the job is accepted
 (durably journaled) and, with wait, again with {"event": "finished", "result": ...}.
 """
@@ -17,10 +19,11 @@ import socket
 import struct
 
 from xxnode.node.daemon import Node
+from xxnode.node.env import local as fn_local
 from xxnode.node.jobs import SpecError
 
 log = logging.getLogger("xxnode")
-MAX_REQUEST = 4 << 20
+MAX_REQUEST = 16 << 20  # a 6 MiB function payload, base64'd, fits
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
@@ -142,6 +145,14 @@ class Api:
             await self._send(
                 writer, {"ok": True, "data": node.read_output(jid, stream, int(limit))}
             )
+        elif op == "fn_run":
+            await self._send(writer, await fn_local.fn_run(node.functions, req))
+        elif op == "fn_envs":
+            envs = node.functions.list_envs() if node.functions else []
+            await self._send(writer, {"ok": True, "envs": envs})
+        elif op == "fn_logs":
+            found = node.functions.logs(str(req.get("ref"))) if node.functions else []
+            await self._send(writer, {"ok": True, "invocations": found})
         else:
             await self._send(writer, {"ok": False, "error": f"unknown op {op!r}"})
 

@@ -25,6 +25,8 @@ from xxnode.kernel.cgroup import CgroupError
 from xxnode.node import executor, recovery, status
 from xxnode.node import jobs as J
 from xxnode.node.crash import crash_point
+from xxnode.node.env.pool import FunctionsUnavailable, Pool
+from xxnode.node.env.zygote import SpawnFailed
 from xxnode.node.host import Host, StartupError
 from xxnode.node.job_cgroup import JobCgroup
 from xxnode.node.jobs import Job
@@ -53,6 +55,7 @@ class Node:
         self.recovered = recovery.Recovered()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dispatcher = None  # the cluster's dispatcher, when [cluster] is configured
+        self.functions: Pool | None = None  # warm execution environments, once started
 
     # -- startup ------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -92,6 +95,7 @@ class Node:
         for job in rec.finalize:
             self.loop.create_task(self._finalize(job))
         self.start_queued()
+        await self._start_functions()
         memory_task = self.loop.create_task(self.memory.run())
         if self.cfg.cluster is not None:
             self.dispatcher = await executor.start(self, self.cfg.cluster, rec.placements)
@@ -103,6 +107,26 @@ class Node:
             memory_task.cancel()
             if self.dispatcher is not None:
                 self.dispatcher.close()
+            if self.functions is not None:
+                self.functions.close()
+
+    async def _start_functions(self) -> None:
+        """Functions are a capability like any other: missing pieces degrade, never stop
+        the node from running jobs."""
+        pool = Pool(
+            self.cfg.functions, self.classes, self.host.root, self.host.enabled,
+            self.cfg.state_dir, (str(self.cfg.state_dir),), self.host.watcher,
+        )  # fmt: skip
+        try:
+            await pool.start()
+        except (FunctionsUnavailable, SpawnFailed, OSError, TimeoutError) as e:
+            self.host.degraded.append(f"no-functions: {e}")
+            log.warning("functions unavailable: %s", e)
+            pool.close()
+            return
+        self.functions = pool
+        log.info("functions: Runtime API on %s, zygote %s", pool.api.address,
+                 "on" if self.cfg.functions.zygote else "off")  # fmt: skip
 
     # -- admission -----------------------------------------------------------------------
     def submit(self, req: dict, cluster: dict | None = None) -> Job:

@@ -37,6 +37,7 @@ def status(node) -> dict:
         "running": running,
         "queued": node.queue.by_class(),
         "finished_total": node.finished_total,
+        "functions": node.functions.status() if node.functions else None,
         "degraded": h.degraded,
     }
 

@@ -52,6 +52,7 @@ class Environment:
         self.state = "starting"
         self.pid = 0
         self.current: Invocation | None = None
+        self.orphan: Invocation | None = None  # assigned, never delivered, env died: requeue
         self.delivered = False
         self.reply: Callable[[dict[str, str], bytes], None] | None = None
         self.frozen = False
@@ -98,7 +99,13 @@ class Environment:
         except CgroupError as e:
             log.warning("env %s: cgroup.kill: %s", self.env_id, e)
         self._thaw()  # a frozen tree dies only once thawed on some kernels
-        if self.current is not None:
+        inv = self.current
+        if inv is not None and not self.delivered and not inv.cold:
+            # a warm environment that died before it took the event (it exited after its
+            # last answer): the invocation goes back to the pool, it was never attempted
+            self.current, self.orphan = None, inv
+            self.invocations -= 1
+        elif inv is not None:
             self._finish(None, "", error or {"errorType": "Runtime.Killed", "errorMessage": reason})
         self._dead()
 
@@ -339,6 +346,7 @@ class Environment:
             "runtime": self.fn.runtime,
             "state": state,
             "class": self.current.cls if self.current else None,
+            "request_id": self.current.request_id if self.current else None,
             "last_class": self.cls.name if self.cls else None,
             "memory_bytes": cur,
             "idle_since": (time.time() - (time.monotonic() - self.idle_since))

@@ -77,7 +77,7 @@ class Invocation:
             "memory_price": self.memory_price,
             "log_dropped": self.log_dropped,
         }
-        self.add_log(self.end_lines(report, error))
+        self.log += self.end_lines(report, error)  # always kept, past the limit
         result = {
             "response": _decode(response, content_type) if error is None else None,
             "content_type": content_type,

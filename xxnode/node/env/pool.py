@@ -87,6 +87,7 @@ class Pool:
         self.envs: dict[str, Environment] = {}
         self.waiting: dict[str, list] = {}  # function key -> heap of (-rank, seq, Invocation)
         self.seq = itertools.count()
+        self.front = itertools.count(-(1 << 62))  # requeued ones sort before every arrival
         self.env_ids = itertools.count(1)
         self.results: OrderedDict[str, dict] = OrderedDict()  # request id -> result (bounded)
         self.api = RuntimeApi(self.by_uid.get)
@@ -245,6 +246,10 @@ class Pool:
                 log.debug("env %s cgroup: %s", env.env_id, e)
 
         self.watcher.watch(cg, gone)
+        if env.orphan is not None:  # first in its class: it was already on its way
+            inv, env.orphan = env.orphan, None
+            rank = self.classes.get(inv.cls).rank
+            heapq.heappush(self.waiting.setdefault(env.fn.key, []), (-rank, next(self.front), inv))
         # an invocation waiting for this function may need a new environment now
         q = self.waiting.get(env.fn.key)
         if q and self._count(env.fn.key) < self.cfg.max_concurrency:

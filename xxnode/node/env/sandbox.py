@@ -8,6 +8,7 @@ no_new_privs before it, so nothing the function execs can regain privilege.
 The mount namespace a function sees:
     /            the host's tree, read-only (mount_setattr AT_RECURSIVE)
     /var/task    its code, read-only (a bind of the code store's tree for its digest)
+    /bin/sh      bash, as on Lambda's images (Debian's is dash)
     /tmp         a private tmpfs of `tmp_size` bytes, the only writable place
     /dev/shm, /var/tmp   empty, read-only (Lambda has no shared memory either)
     hidden       the node's state dir (journal, jobs, code of every tenant) and its socket
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from xxnode.kernel import mount_ns
 
 TASK_ROOT = "/var/task"
+SH, BASH = "/bin/sh", "/bin/bash"
 EMPTY_DIRS = ("/dev/shm", "/var/tmp")
 
 
@@ -51,6 +53,10 @@ def enter(p: Plan) -> None:
     _step("cgroup", _join_cgroup, p.cgroup)
     _step("mount namespace", mount_ns.unshare_mounts)
     _step("/var/task", mount_ns.bind, p.code, TASK_ROOT, readonly=True)
+    if os.path.exists(BASH) and os.path.realpath(SH) != os.path.realpath(BASH):
+        # Lambda's OS images have bash as /bin/sh, and AWS's custom-runtime tutorial
+        # (#!/bin/sh, `source`, `set -o pipefail`) depends on it
+        _step("/bin/sh", mount_ns.bind, BASH, SH, readonly=True)
     _step("read-only root", mount_ns.make_tree_readonly, "/")
     _step("/tmp", mount_ns.tmpfs, "/tmp", size_bytes=p.tmp_size)
     for d in EMPTY_DIRS:

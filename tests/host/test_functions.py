@@ -1,0 +1,445 @@
+"""Functions on a real xxnode: unmodified Lambda handlers through the real awslambdaric, AWS's
+bash custom runtime, warm environments frozen between invocations, the class per invocation,
+isolation between tenants, and hostile handlers. Through `xxctl fn` and the control socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.harness import Daemon
+
+HELLO_DOCS = """
+import json
+
+def lambda_handler(event, context):
+    # AWS's Python handler documentation, "Example Python Lambda function code"
+    return {
+        'statusCode': 200,
+        'body': json.dumps('Hello from Lambda!')
+    }
+"""
+
+CONTEXT = """
+import os, threading
+
+def handler(event, context):
+    import boto3  # importable without being in the zip, as in Lambda's Python runtime
+    print("handling", context.aws_request_id)
+    pols = {t: (os.sched_getscheduler(t), os.sched_getparam(t).sched_priority)
+            for t in map(int, os.listdir("/proc/self/task"))}
+    return {
+        "event": event,
+        "request_id": context.aws_request_id,
+        "remaining_ms": context.get_remaining_time_in_millis(),
+        "function_name": context.function_name,
+        "memory_limit_in_mb": context.memory_limit_in_mb,
+        "log_group_name": context.log_group_name,
+        "log_stream_name": context.log_stream_name,
+        "arn": context.invoked_function_arn,
+        "boto3": boto3.__version__,
+        "uid": os.getuid(),
+        "task_root": os.environ["LAMBDA_TASK_ROOT"],
+        "cwd": os.getcwd(),
+        "policies": sorted(set(pols.values())),
+        "raised": _try_raise(),
+    }
+
+def _try_raise():
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(90))
+        return "raised"
+    except OSError as e:
+        return e.errno
+"""
+
+# AWS's custom-runtime tutorial (runtimes-walkthrough), as published
+BOOTSTRAP = """#!/bin/sh
+set -euo pipefail
+
+# Initialization - load function handler
+source $LAMBDA_TASK_ROOT/"$(echo $_HANDLER | cut -d. -f1).sh"
+
+# Processing
+while true
+do
+  HEADERS="$(mktemp)"
+  # Get an event. The HTTP request will block until one is received
+  EVENT_DATA=$(curl -sS -LD "$HEADERS" "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/next")
+
+  # Extract request ID by scraping response headers received above
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+
+  # Run the handler function from the script
+  RESPONSE=$($(echo "$_HANDLER" | cut -d. -f2) "$EVENT_DATA")
+
+  # Send the response
+  curl "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/$REQUEST_ID/response"  -d "$RESPONSE"
+done
+"""
+FUNCTION_SH = """function handler () {
+  EVENT_DATA=$1
+  echo "$EVENT_DATA" 1>&2;
+  RESPONSE="Echoing request: '$EVENT_DATA'"
+
+  echo $RESPONSE
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("fnnode"), max_running=4)
+    d.start()
+    yield d
+    d.cleanup()
+    assert not d.cgroup.exists()
+
+
+def code_dir(root: Path, name: str, files: dict[str, str], modes: dict[str, int] | None = None):
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (d / rel).write_text(textwrap.dedent(text) if rel.endswith(".py") else text)
+        os.chmod(d / rel, (modes or {}).get(rel, 0o644))
+    return d
+
+
+def invoke(node, code, handler, cls, payload=None, runtime="python3.11", **kw):
+    req = {
+        "op": "fn_run", "code": str(code), "runtime": runtime, "handler": handler,
+        "class": cls, "payload": base64.b64encode(json.dumps(payload or {}).encode()).decode(),
+        **kw,
+    }  # fmt: skip
+    with node.client(timeout=120) as c:
+        return c.call(req)["result"]
+
+
+def xxctl(node, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["xxctl", *args], env=node.env(), capture_output=True, text=True, timeout=120
+    )
+
+
+def env_of(node, env_id):
+    return next(e for e in node.call({"op": "fn_envs"})["envs"] if e["env"] == env_id)
+
+
+# -- runtimes ----------------------------------------------------------------------------------
+def test_the_aws_docs_example_runs_unmodified_and_the_report_has_every_field(node, tmp_path):
+    code = code_dir(tmp_path, "docs_example", {"lambda_function.py": HELLO_DOCS})
+    r = xxctl(node, "fn", "run", "--json", "--code", str(code), "--runtime", "python3.11",
+              "--handler", "lambda_function.lambda_handler", "--class", "high")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"response", "error", "report"}
+    assert out["error"] is None
+    assert out["response"] == {"statusCode": 200, "body": '"Hello from Lambda!"'}
+    rep = out["report"]
+    for k in ("request_id", "cold", "init_ms", "duration_ms", "billed_ms", "cpu_ms",
+              "max_memory_mb", "gb_s", "class", "price"):  # fmt: skip
+        assert k in rep, k
+    assert rep["cold"] is True and rep["init_ms"] > 0 and rep["class"] == "high"
+    assert rep["billed_ms"] >= max(1, rep["duration_ms"])
+    assert rep["cpu_ms"] > 0 and rep["max_memory_mb"] > 0
+    # the price is CPU seconds at the class's price plus GB-seconds at the memory price
+    expect = rep["cpu_ms"] / 1000 * 2.0 + rep["gb_s"] * rep["memory_price"]
+    assert rep["price"] == pytest.approx(expect, rel=1e-3, abs=1e-9)
+
+
+def test_context_fields_boto3_and_one_warm_environment_across_classes(node, tmp_path):
+    code = code_dir(tmp_path, "ctx", {"app.py": CONTEXT})
+    first = invoke(node, code, "app.handler", "high", {"n": 1}, timeout=7)
+    assert first["error"] is None, first
+    r = first["response"]
+    assert r["event"] == {"n": 1}
+    assert r["request_id"] == first["report"]["request_id"]
+    assert 0 < r["remaining_ms"] <= 7000
+    assert r["function_name"] == "ctx" and r["memory_limit_in_mb"] == "128"
+    assert r["log_group_name"] == "/aws/lambda/ctx" and r["log_stream_name"]
+    assert r["arn"].endswith(":function:ctx")
+    assert r["boto3"] and r["task_root"] == "/var/task" and r["cwd"] == "/var/task"
+    assert r["uid"] >= 200_000
+    assert r["policies"] == [[os.SCHED_FIFO, 30]]  # every thread at high's priority
+    assert r["raised"] == 1  # EPERM: RLIMIT_RTPRIO 0, unprivileged
+    env = first["report"]["env"]
+    # between invocations the environment is frozen
+    assert env_of(node, env)["state"] == "frozen"
+    low = invoke(node, code, "app.handler", "low", {"n": 2}, timeout=7)
+    assert low["report"]["env"] == env and low["report"]["cold"] is False
+    assert low["response"]["policies"] == [[os.SCHED_BATCH, 0]]
+    high = invoke(node, code, "app.handler", "high", {"n": 3}, timeout=7)
+    assert high["report"]["env"] == env and high["response"]["policies"] == [[os.SCHED_FIFO, 30]]
+    # the log keeps Lambda's lines and the handler's print, per invocation
+    logs = xxctl(node, "fn", "logs", high["report"]["request_id"])
+    assert logs.returncode == 0, logs.stderr
+    rid = high["report"]["request_id"]
+    assert f"START RequestId: {rid}" in logs.stdout
+    assert f"handling {rid}" in logs.stdout
+    assert f"END RequestId: {rid}" in logs.stdout
+    assert f"REPORT RequestId: {rid}\tDuration: " in logs.stdout
+    assert "Billed Duration: " in logs.stdout and "Max Memory Used: " in logs.stdout
+    assert low["report"]["request_id"] not in logs.stdout
+    first_log = xxctl(node, "fn", "logs", first["report"]["request_id"]).stdout
+    assert "Init Duration: " in first_log
+
+
+def test_aws_custom_runtime_tutorial_bootstrap_works_as_published(node, tmp_path):
+    code = code_dir(
+        tmp_path, "bashfn", {"bootstrap": BOOTSTRAP, "function.sh": FUNCTION_SH},
+        modes={"bootstrap": 0o755},
+    )  # fmt: skip
+    for i in range(2):
+        res = invoke(node, code, "function.handler", "medium", {"i": i}, runtime="provided")
+        assert res["error"] is None, res
+        assert res["response"] == f"Echoing request: '{{\"i\": {i}}}'"
+        assert res["report"]["cold"] is (i == 0)
+    assert '{"i": 1}' in res["log"]  # the handler's stderr is the invocation's log
+
+
+def test_a_zip_is_run_and_bad_code_is_refused_with_a_clear_error(node, tmp_path):
+    z = tmp_path / "fn.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("lambda_function.py", HELLO_DOCS)
+    res = invoke(node, z, "lambda_function.lambda_handler", "low")
+    assert res["response"]["statusCode"] == 200
+    bad = tmp_path / "notazip.zip"
+    bad.write_bytes(b"this is not a zip")
+    r = xxctl(node, "fn", "run", "--code", str(bad), "--runtime", "python3.11",
+              "--handler", "a.b", "--class", "low")  # fmt: skip
+    assert r.returncode == 2 and "not a zip" in r.stderr and "Traceback" not in r.stderr
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../etc/evil.py", "x = 1")
+    r = xxctl(node, "fn", "run", "--code", str(evil), "--runtime", "python3.11",
+              "--handler", "a.b", "--class", "low")  # fmt: skip
+    assert r.returncode == 2 and "code:" in r.stderr and "Traceback" not in r.stderr
+    r = xxctl(node, "fn", "run", "--code", str(z), "--runtime", "cobol",
+              "--handler", "a.b", "--class", "low")  # fmt: skip
+    assert r.returncode == 2 and "runtime" in r.stderr
+
+
+# -- isolation -----------------------------------------------------------------------------------
+SNOOP = """
+import errno, json, os, signal, socket, urllib.request
+
+def _errno(fn):
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+
+def handler(event, context):
+    api = os.environ["AWS_LAMBDA_RUNTIME_API"]
+    out = {}
+    if event.get("plant"):
+        with open("/tmp/secret", "w") as f:
+            f.write("B's secret")
+        return {"pid": os.getpid()}
+    out["tmp"] = sorted(os.listdir("/tmp"))
+    out["state_dir"] = _errno(lambda: os.listdir(event["state_dir"]))
+    out["state_dir_listing"] = os.listdir(event["state_dir"]) if os.path.isdir(event["state_dir"]) else None
+    out["kill"] = _errno(lambda: os.kill(event["victim"], signal.SIGKILL))
+    out["write_root"] = _errno(lambda: open("/var/task/x", "w"))
+    out["write_etc"] = _errno(lambda: open("/etc/xx-escape", "w"))
+    out["write_devshm"] = _errno(lambda: open("/dev/shm/x", "w"))
+    out["write_repo"] = _errno(lambda: open(event["repo"] + "/xx-escape", "w"))
+    out["write_tmp"] = _errno(lambda: open("/tmp/mine", "w").write("ok"))
+    # a response for another environment's invocation
+    req = urllib.request.Request(
+        f"http://{api}/2018-06-01/runtime/invocation/{event['other_request']}/response",
+        data=b'"stolen"', method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        out["post_other"] = 202
+    except urllib.error.HTTPError as e:
+        out["post_other"] = e.code
+    return out
+"""
+
+SLOW = """
+import os, time
+def handler(event, context):
+    if event.get("plant"):
+        with open("/tmp/secret", "w") as f:
+            f.write("B's secret")
+        return {"pid": os.getpid()}
+    # wait until A has tried to answer for us (it writes nothing we can see: poll our own
+    # deadline instead of a shared file, which the isolation forbids)
+    time.sleep(event["hold"])
+    return {"mine": True}
+"""
+
+
+def test_tenants_cannot_see_signal_write_or_answer_for_each_other(node, tmp_path):
+    import threading
+
+    a = code_dir(tmp_path, "snoop", {"app.py": SNOOP})
+    b = code_dir(tmp_path, "victim", {"app.py": SLOW})
+    planted = invoke(node, b, "app.handler", "low", {"plant": True}, tenant="tenant-b", timeout=10)
+    assert planted["error"] is None, planted
+    victim_pid = planted["response"]["pid"]
+    # B busy for 3 s: its request id is the one A will try to answer
+    b_result = {}
+    t = threading.Thread(
+        target=lambda: b_result.update(
+            invoke(node, b, "app.handler", "low", {"hold": 3}, tenant="tenant-b", timeout=10)
+        )
+    )
+    t.start()
+    rid = None
+    while rid is None:  # B's current invocation, from the node's own table
+        envs = [e for e in node.call({"op": "fn_envs"})["envs"] if e["tenant"] == "tenant-b"]
+        busy = [e for e in envs if e["state"] == "busy"]
+        if busy:
+            rid = _current_request(node, busy[0]["env"])
+    res = invoke(node, a, "app.handler", "high", {
+        "state_dir": str(node.state_dir), "victim": victim_pid, "repo": str(Path.cwd()),
+        "other_request": rid,
+    }, tenant="tenant-a", timeout=10)  # fmt: skip
+    t.join()
+    assert res["error"] is None, res
+    r = res["response"]
+    assert "secret" not in r["tmp"]  # B's /tmp is B's
+    assert r["state_dir_listing"] in (None, [])  # the node's state (and all code) hidden
+    assert r["kill"] == 1  # EPERM: another uid
+    assert r["write_root"] in (30, 13) and r["write_etc"] in (30, 13)  # EROFS / EACCES
+    assert r["write_devshm"] in (30, 13) and r["write_repo"] in (30, 13)
+    assert r["write_tmp"] == 0
+    assert r["post_other"] == 403
+    assert b_result["error"] is None and b_result["response"] == {"mine": True}
+    assert os.path.exists(f"/proc/{victim_pid}")
+
+
+def _current_request(node, env_id) -> str | None:
+    envs = node.call({"op": "fn_envs"})["envs"]
+    e = next((x for x in envs if x["env"] == env_id), None)
+    return e.get("request_id") if e else None
+
+
+def test_a_process_outside_every_environment_is_refused(node):
+    status = node.call({"op": "status"})["status"]["functions"]
+    host, port = status["runtime_api"].split(":")
+    before = status["refused_connections"]
+    pid = os.fork()
+    if pid == 0:  # an unprivileged process that is no environment
+        try:
+            os.setresuid(65534, 65534, 65534)
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = s.recv(4096)
+            os._exit(0 if data.startswith(b"HTTP/1.1 403") else 1)
+        except BaseException:
+            os._exit(2)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    after = node.call({"op": "status"})["status"]["functions"]["refused_connections"]
+    assert after == before + 1
+
+
+# -- hostile handlers ------------------------------------------------------------------------------
+HOSTILE = """
+import os, sys, time
+
+def handler(event, context):
+    what = event["what"]
+    if what == "exit":
+        os._exit(3)
+    if what == "print":
+        chunk = "x" * (1 << 20)
+        for _ in range(100):
+            print(chunk)
+        return "printed"
+    if what == "fork":
+        n = 0
+        try:
+            for _ in range(10_000):
+                if os.fork() == 0:
+                    time.sleep(3600)
+                    os._exit(0)
+                n += 1
+        except OSError as e:
+            return {"forked": n, "errno": e.errno}
+        return {"forked": n}
+    if what == "sleep":
+        time.sleep(60)
+    if what == "big":
+        return "y" * (7 << 20)
+    if what == "tmp":
+        with open("/tmp/big", "wb") as f:
+            for _ in range(1024):
+                f.write(b"z" * (1 << 20))
+    if what == "ok":
+        return {"ok": True, "pid": os.getpid()}
+"""
+
+
+def test_a_handler_that_does_not_import_is_an_import_module_error(node, tmp_path):
+    code = code_dir(tmp_path, "broken", {"app.py": "import no_such_module_xx\n"})
+    res = invoke(node, code, "app.handler", "low")
+    assert res["error"]["errorType"] == "Runtime.ImportModuleError", res
+    assert "no_such_module_xx" in res["error"]["errorMessage"]
+    assert "Runtime.ImportModuleError" in res["log"]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    return code_dir(tmp_path_factory.mktemp("hostile"), "hostile", {"app.py": HOSTILE})
+
+
+def test_exit_is_a_runtime_exit_error_and_the_next_invocation_gets_a_fresh_environment(
+    node, hostile
+):
+    res = invoke(node, hostile, "app.handler", "low", {"what": "exit"})
+    assert res["error"]["errorType"] == "Runtime.ExitError"
+    assert "exit status 3" in res["error"]["errorMessage"]
+    ok = invoke(node, hostile, "app.handler", "low", {"what": "ok"})
+    assert ok["error"] is None and ok["report"]["env"] != res["report"]["env"]
+
+
+def test_a_timeout_kills_the_environment_and_says_task_timed_out(node, hostile):
+    res = invoke(node, hostile, "app.handler", "low", {"what": "sleep"}, timeout=1)
+    assert res["error"]["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in res["error"]["errorMessage"]
+    assert 1000 <= res["report"]["duration_ms"] < 5000
+    ok = invoke(node, hostile, "app.handler", "low", {"what": "ok"}, timeout=1)
+    assert ok["error"] is None and ok["report"]["cold"] is True
+    assert ok["report"]["env"] != res["report"]["env"]
+
+
+def test_100_mb_of_prints_is_cut_and_counted(node, hostile):
+    res = invoke(node, hostile, "app.handler", "low", {"what": "print"}, timeout=60)
+    assert res["error"] is None and res["response"] == "printed"
+    assert res["report"]["log_dropped"] > 90 << 20
+    assert "bytes of log dropped" in res["log"]
+    assert len(res["log"]) < 2 << 20
+
+
+def test_7_mb_response_is_refused_as_too_large(node, hostile):
+    res = invoke(node, hostile, "app.handler", "low", {"what": "big"}, timeout=30)
+    assert res["error"]["errorType"] == "Function.ResponseSizeTooLarge", res["error"]
+
+
+def test_1_gb_into_tmp_stops_at_its_size(node, hostile):
+    res = invoke(node, hostile, "app.handler", "low", {"what": "tmp"}, timeout=60)
+    assert res["error"] is not None
+    assert "No space left on device" in res["error"]["errorMessage"]
+
+
+def test_a_fork_bomb_stops_at_the_process_limit_and_harms_no_one_else(node, hostile, tmp_path):
+    other = code_dir(tmp_path, "bystander", {"lambda_function.py": HELLO_DOCS})
+    res = invoke(node, hostile, "app.handler", "low", {"what": "fork"}, timeout=60)
+    assert res["error"] is None, res
+    assert res["response"]["forked"] < 1024 and res["response"]["errno"] == 11  # EAGAIN
+    bystander = invoke(node, other, "lambda_function.lambda_handler", "high")
+    assert bystander["error"] is None
+    assert node.call({"op": "status"})["ok"]

@@ -1,0 +1,134 @@
+"""xxctl fn run | envs | logs — functions on the local node.
+
+`fn run` runs one invocation in a warm environment of the same code and configuration (a new
+one the first time) and prints the handler's response; the REPORT line goes to stderr. Exit
+0 on a response, 1 on a function error (its errorType and errorMessage on stderr).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+from xxnode.ctl.node_cmds import _emit_json, _guard, _mib, _Refused
+from xxnode.node.client import Client
+
+RUNTIME_HELP = "python3.x (awslambdaric, HANDLER = module.function), provided (bootstrap)"
+
+
+def register(sub) -> None:
+    fn = sub.add_parser("fn", help="functions on the local node: run, envs, logs")
+    fsub = fn.add_subparsers(dest="fn_command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, func):
+        p = fsub.add_parser(name, help=help)
+        p.add_argument(
+            "--socket", help="control socket (default: $XX_NODE_SOCKET or /run/xxnode.sock)"
+        )
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=lambda args: _guard(func, args), command=f"fn {name}")
+        return p
+
+    p = add("run", "run one invocation of a function on this node", cmd_run)
+    p.add_argument("--code", required=True, metavar="DIR|ZIP", help="the function's code")
+    p.add_argument("--runtime", required=True, help=RUNTIME_HELP)
+    p.add_argument("--handler", required=True, metavar="H", help="module.function for python")
+    p.add_argument("--class", dest="cls", required=True, metavar="C", help="price class")
+    p.add_argument("--payload", default="{}", metavar="JSON|@FILE", help="the event (default {})")
+    p.add_argument(
+        "--timeout", type=float, default=3.0, metavar="S", help="seconds (default 3, as Lambda)"
+    )
+    p.add_argument("--name", help="function name (default: the code's file or directory name)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable")
+    add("envs", "the execution environments on this node", cmd_envs)
+    p = add("logs", "an invocation's log, or a function's latest invocations", cmd_logs)
+    p.add_argument("ref", metavar="REQUEST_ID|FUNCTION")
+
+
+def _payload(arg: str) -> bytes:
+    if arg.startswith("@"):
+        try:
+            data = Path(arg[1:]).read_bytes()
+        except OSError as e:
+            raise _Refused(f"--payload {arg}: {e.strerror}") from None
+    else:
+        data = arg.encode()
+    try:
+        json.loads(data)
+    except ValueError:
+        raise _Refused("--payload: the event must be JSON (as Lambda's)") from None
+    return data
+
+
+def cmd_run(args) -> int:
+    env = {}
+    for kv in args.env:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise _Refused(f"--env {kv!r}: expected K=V")
+        env[k] = v
+    req = {
+        "op": "fn_run", "code": str(Path(args.code).resolve()), "runtime": args.runtime,
+        "handler": args.handler, "class": args.cls, "timeout": args.timeout, "env": env,
+        "payload": base64.b64encode(_payload(args.payload)).decode(),
+    }  # fmt: skip
+    if args.name:
+        req["name"] = args.name
+    with Client(args.socket, timeout=None) as c:
+        res = c.call(req)["result"]
+    if args.json:
+        _emit_json({k: res[k] for k in ("response", "error", "report")})
+    else:
+        if res["error"] is None:
+            r = res["response"]
+            print(r if isinstance(r, str) else json.dumps(r))
+        else:
+            e = res["error"]
+            print(f"{e['errorType']}: {e['errorMessage']}", file=sys.stderr)
+        print(_report_line(res["report"]), file=sys.stderr)
+    return 0 if res["error"] is None else 1
+
+
+def _report_line(r: dict) -> str:
+    cold = f", cold (init {r['init_ms']:.1f} ms)" if r["cold"] else ", warm"
+    return (
+        f"{r['request_id']} ({r['class']}{cold}): {r['duration_ms']:.2f} ms, billed "
+        f"{r['billed_ms']} ms, cpu {r['cpu_ms']:.2f} ms, max memory {r['max_memory_mb']} MB, "
+        f"price {r['price']:.6f} µ¢"
+    )
+
+
+def cmd_envs(args) -> int:
+    with Client(args.socket) as c:
+        envs = c.call({"op": "fn_envs"})["envs"]
+    if args.json:
+        _emit_json(envs)
+        return 0
+    print(
+        f"{'ENV':<16} {'FUNCTION':<20} {'TENANT':<10} {'STATE':<9} {'CLASS':<8} {'MEMORY':>8}  IDLE SINCE"
+    )
+    for e in envs:
+        since = (
+            time.strftime("%H:%M:%S", time.localtime(e["idle_since"])) if e["idle_since"] else "-"
+        )
+        print(
+            f"{e['env']:<16} {e['function'] + ':' + e['version']:<20} {e['tenant']:<10} "
+            f"{e['state']:<9} {e['class'] or '-':<8} {_mib(e['memory_bytes']):>8}  {since}"
+        )
+    return 0
+
+
+def cmd_logs(args) -> int:
+    with Client(args.socket) as c:
+        found = c.call({"op": "fn_logs", "ref": args.ref})["invocations"]
+    if not found:
+        raise _Refused(f"no invocation or function {args.ref!r} in this node's recent results")
+    if args.json:
+        _emit_json([{"report": r["report"], "error": r["error"], "log": r["log"]} for r in found])
+        return 0
+    for r in found:
+        sys.stdout.write(r["log"])
+    return 0
