@@ -27,9 +27,11 @@ in the job's state directory:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,3 +316,43 @@ def decode_wait_status(status: int) -> tuple[int | None, int | None]:
     if os.WIFSIGNALED(status):
         return None, os.WTERMSIG(status)
     return None, None
+
+
+# -- fork straight into a cgroup (the zygote's path) ----------------------------------------------
+# struct clone_args (linux/sched.h), every field a __u64:
+#   flags pidfd child_tid parent_tid exit_signal stack stack_size tls set_tid set_tid_size cgroup
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+            "stack_size", "tls", "set_tid", "set_tid_size", "cgroup",
+        )
+    ]  # fmt: skip
+
+
+_CLONE_INTO_CGROUP = 0x200000000
+_SYS_CLONE3 = 435  # x86_64
+# PyDLL: the GIL stays held across the syscall, so the child resumes as the same, only thread
+_pyapi = ctypes.PyDLL(None, use_errno=True)
+
+
+def fork_into_cgroup(cgroup_fd: int) -> int:
+    """os.fork(), but the child is born in the cgroup `cgroup_fd` (an O_DIRECTORY fd).
+
+    Moving a process by writing cgroup.procs takes the cgroup threadgroup rwsem for writing,
+    which waits for an RCU grace period: 1-14 ms measured here, most of a cold start.
+    CLONE_INTO_CGROUP places the child at birth. CPython's own before/after-fork hooks run
+    around the raw syscall, exactly as os.fork runs them, so the child's interpreter state
+    is what os.fork would leave. Only for a single-threaded caller (the zygote)."""
+    args = _CloneArgs(flags=_CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _pyapi.syscall(ctypes.c_long(_SYS_CLONE3), ctypes.byref(args), ctypes.sizeof(args))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone3(CLONE_INTO_CGROUP): {os.strerror(err)}")
+    return pid

@@ -66,6 +66,7 @@ class Invocation:
             "class": self.cls,
             "cold": self.cold,
             "init_ms": round(self.init_ms, 3),
+            "queued_ms": round(((self.started or self.accepted) - self.accepted) * 1000, 3),
             "duration_ms": round(duration_ms, 3),
             "billed_ms": billed_ms,
             "cpu_ms": round(self.cpu_us / 1000, 3),

@@ -85,6 +85,7 @@ class Pool:
         self.uids = UidRange(cfg.uid_first, cfg.uid_count)
         self.by_uid: dict[int, Environment] = {}
         self.envs: dict[str, Environment] = {}
+        self.by_key: dict[str, list[Environment]] = {}  # function key -> its environments
         self.waiting: dict[str, list] = {}  # function key -> heap of (-rank, seq, Invocation)
         self.seq = itertools.count()
         self.front = itertools.count(-(1 << 62))  # requeued ones sort before every arrival
@@ -174,6 +175,7 @@ class Pool:
             env_id, fn, uid, cg, out_r, self.cfg.response_limit, self._idle, self._dead
         )
         self.envs[env_id] = env
+        self.by_key.setdefault(fn.key, []).append(env)
         self.by_uid[uid] = env
         first = self.classes[0]
         plan = sandbox.Plan(
@@ -205,20 +207,19 @@ class Pool:
     def _idle_env(self, key: str) -> Environment | None:
         """An idle one, else one that has just answered and is about to ask /next again (a
         new environment would cost a cold start to save a fraction of a millisecond)."""
+        mine = self.by_key.get(key, ())
         idle = [
             warm_pool.IdleEnv(e.env_id, key, e.idle_since, 0, e.init_ms, False)
-            for e in self.envs.values()
-            if e.fn.key == key and e.state == "idle"
+            for e in mine
+            if e.state == "idle"
         ]
         pick = warm_pool.pick_idle(idle, key)
         if pick is not None:
             return self.envs[pick.env_id]
-        return next(
-            (e for e in self.envs.values() if e.fn.key == key and e.state == "answered"), None
-        )
+        return next((e for e in mine if e.state == "answered"), None)
 
     def _count(self, key: str) -> int:
-        return sum(1 for e in self.envs.values() if e.fn.key == key)
+        return len(self.by_key.get(key, ()))
 
     # -- environment events -------------------------------------------------------------------
     def _idle(self, env: Environment) -> None:
@@ -234,6 +235,11 @@ class Pool:
 
     def _dead(self, env: Environment) -> None:
         self.envs.pop(env.env_id, None)
+        mine = self.by_key.get(env.fn.key, [])
+        if env in mine:
+            mine.remove(env)
+            if not mine:
+                del self.by_key[env.fn.key]
         cg, uid = env.cgroup, env.uid
 
         def gone():

@@ -39,6 +39,7 @@ class Plan:
     policy: int
     priority: int
     max_processes: int
+    join_cgroup: bool = False  # born elsewhere (no CLONE_INTO_CGROUP): move in first
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
@@ -50,7 +51,8 @@ class SandboxError(Exception):
 
 
 def enter(p: Plan) -> None:
-    _step("cgroup", _join_cgroup, p.cgroup)
+    if p.join_cgroup:
+        _step("cgroup", _join_cgroup, p.cgroup)
     _step("mount namespace", mount_ns.unshare_mounts)
     _step("/var/task", mount_ns.bind, p.code, TASK_ROOT, readonly=True)
     if os.path.exists(BASH) and os.path.realpath(SH) != os.path.realpath(BASH):

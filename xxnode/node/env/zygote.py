@@ -112,13 +112,28 @@ def _child(req: dict, out_fd: int, status_w: int, close: list[int]) -> None:
 
 
 def _spawn(sock: socket.socket, req: dict, out_fd: int, keep: list[int]) -> int | None:
+    from xxnode.kernel import clone3
+
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    cg = req["plan"]["cgroup"]
+    try:
+        cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        for fd in (status_r, status_w, out_fd):
+            os.close(fd)
+        _send(sock, {"failed": req["spawn"], "error": f"cgroup {cg}: {e.strerror}"})
+        return None
+    try:
+        pid = clone3.fork_into_cgroup(cg_fd)  # born in its cgroup: no migration to wait for
+    except OSError:
+        pid = os.fork()  # a kernel without CLONE_INTO_CGROUP: the child moves itself
+        req["plan"]["join_cgroup"] = True
     if pid == 0:
         os.close(status_r)
-        _child(req, out_fd, status_w, [sock.fileno(), *keep])
+        _child(req, out_fd, status_w, [sock.fileno(), cg_fd, *keep])
+    os.close(cg_fd)
     os.close(status_w)
     os.close(out_fd)
     err = b""
