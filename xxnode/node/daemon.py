@@ -72,11 +72,14 @@ class Node:
         return self.host.memory
 
     def _running_refs(self) -> list[JobRef]:
-        return [
+        refs = [
             JobRef(j.id, j.cls, self.leaf(j), j.started_at or j.accepted_at)
             for j in self.jobs.values()
             if j.state == "running"
         ]
+        if self.functions is not None:
+            refs += self.functions.memory_refs()
+        return refs
 
     def leaf(self, job: Job) -> JobCgroup:
         return self.host.job_cgroup(job.cls, job.id)
@@ -125,6 +128,8 @@ class Node:
             pool.close()
             return
         self.functions = pool
+        loop = self.loop
+        self.memory.evict = lambda need: loop.call_soon_threadsafe(pool.evict_idle, need)
         log.info("functions: Runtime API on %s, zygote %s", pool.api.address,
                  "on" if self.cfg.functions.zygote else "off")  # fmt: skip
 

@@ -13,6 +13,12 @@ lowest class's: priority scheduling means those jobs will not run soon anyway. T
   * when pressure has passed for a while, fault swapped jobs back in with
     process_madvise(MADV_WILLNEED), highest class first, within the free headroom.
 
+Idle function environments (node/env/) come first of all: they are sampled as jobs of the
+"idle" rank, below every class, so reclaim takes their pages before any job's; when reclaim
+cannot free enough (no swap, swap full), the pool kills idle environments, least valuable
+first (policy.warm_pool.victims), before a running job is starved. A busy environment is
+sampled at its current invocation's class.
+
 Static protection, set once per class cgroup: the top class gets memory.swap.max 0 and
 memory.low max (the kernel's own reclaim leaves it alone too); every job's processes get
 an oom_score_adj by class, so if reclaim cannot keep up the OOM killer takes the lowest
@@ -60,6 +66,10 @@ from xxnode.policy.swap_victims import JobMemory, choose_victims
 log = logging.getLogger("xxnode.memory")
 MiB = 1 << 20
 PAGE = 4096
+# Idle function environments rank below every class: frozen, they will not touch their
+# pages until their next invocation, whatever its class (issue: "idle costs almost nothing")
+IDLE = "idle"
+IDLE_RANK = -1
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class Stats:
     psi_events: int = 0
     psi_events_by: dict[str, int] = field(default_factory=dict)  # root or class name
     shortfall_events: int = 0
+    idle_evictions: int = 0  # times idle environments were killed because reclaim fell short
     tick_errors: int = 0  # ticks that raised; logged, and the loop went on
 
 
@@ -155,6 +166,9 @@ class MemoryManager:
         self.trigger_error: str | None = None
         self.trigger_note = "armed"
         self.min_oom_adj = -999 if proc.has_capability(proc.CAP_SYS_RESOURCE) else 0
+        # kill idle function environments to free `need` bytes (the daemon sets it; called
+        # from the worker thread, so it must hand over to the loop itself)
+        self.evict: Callable[[int], None] | None = None
 
     # -- static protection -------------------------------------------------------------
     def oom_adj(self, cls: str) -> int:
@@ -240,7 +254,8 @@ class MemoryManager:
         jobs = []
         seen = {}
         for ref in self.jobs() if refs is None else refs:
-            if ref.cls not in self.ranks:
+            rank = IDLE_RANK if ref.cls == IDLE else self.ranks.get(ref.cls)
+            if rank is None:
                 continue
             try:
                 cpu = ref.leaf.cpu_stat().get("usage_usec", 0)
@@ -255,7 +270,7 @@ class MemoryManager:
                 JobSample(
                     ref.job_id,
                     ref.cls,
-                    self.ranks[ref.cls],
+                    rank,
                     cur,
                     swp,
                     st.get("zswapped", 0),
@@ -340,6 +355,11 @@ class MemoryManager:
                 self._frozen[job.job_id] = leaf
         return ev.reclaimed
 
+    def _evict_idle(self, need: int) -> None:
+        if self.evict is not None:
+            self.stats.idle_evictions += 1
+            self.evict(need)
+
     def thaw(self) -> None:
         for jid, leaf in list(self._frozen.items()):
             if leaf.exists():
@@ -374,10 +394,14 @@ class MemoryManager:
         if s is None:
             s = self.sample(refs)
             for ref in refs:
-                with contextlib.suppress(CgroupError):  # the job ended since the snapshot
-                    self.adopt(ref)
+                if ref.cls in self.ranks:  # environments keep the default OOM rank
+                    with contextlib.suppress(CgroupError):  # the job ended since the snapshot
+                        self.adopt(ref)
         self.last = s
         if not self.managed:
+            # no memory.reclaim: idle environments are all we can give back (by killing)
+            if need := self.need(s, psi_woke):
+                self._evict_idle(need)
             return False
         need = self.need(s, psi_woke)
         if need:
@@ -385,10 +409,15 @@ class MemoryManager:
             chosen = self.victims(s, min(need, self.cfg.max_chunk))
             if not chosen:
                 self.stats.shortfall_events += 1
+                self._evict_idle(need)
                 return False
             cause = "psi" if psi_woke else "low-watermark"
             asked = sum(n for _, n in chosen)
             got = sum(self.reclaim(job, n, cause, woke_at) for job, n in chosen)
+            if got * 4 < asked:
+                # reclaim is not enough (swap full, or none): idle environments die now,
+                # least valuable first, before any running job is starved or OOM-killed
+                self._evict_idle(asked - got)
             # Carry on at once only while chunks pay: when the victims have nothing left to
             # give, tight retries would only burn CPU; the next PSI event or tick decides.
             return got * 4 >= asked
@@ -485,8 +514,9 @@ class MemoryManager:
         per_class: dict[str, dict] = {
             c: {"jobs": 0, "memory": 0, "swap": 0, "zswapped": 0} for c in self.ranks
         }
+        idle = {"jobs": 0, "memory": 0, "swap": 0, "zswapped": 0}  # idle environments
         for j in s.jobs:
-            pc = per_class[j.cls]
+            pc = idle if j.cls == IDLE else per_class[j.cls]
             pc["jobs"] += 1
             pc["memory"] += j.current
             pc["swap"] += j.swap
@@ -507,6 +537,8 @@ class MemoryManager:
             "psi_some_avg10": s.psi_some_avg10,
             "psi_full_avg10": s.psi_full_avg10,
             "classes": per_class,
+            "idle_environments": idle
+            | {"reclaimed_total": self.stats.reclaimed_by_class.get(IDLE, 0)},
             "jobs": [asdict(j) for j in s.jobs],
             "reclaims": [asdict(e) for e in list(self.events)[-20:]],
             "stats": asdict(self.stats),

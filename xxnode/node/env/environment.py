@@ -271,6 +271,10 @@ class Environment:
                 log.debug("env %s: thaw: %s", self.env_id, e)
             self.frozen = False
 
+    def resident(self) -> int:
+        """Bytes in RAM now (what killing it would free)."""
+        return self._memory()[0]
+
     def _cpu_us(self) -> int:
         try:
             return self.cgroup.cpu_stat().get("usage_usec", 0)

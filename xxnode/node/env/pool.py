@@ -17,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from xxnode.node.env.function import FunctionVersion
 from xxnode.node.env.invocation import Invocation
 from xxnode.node.env.runtime_api import RuntimeApi
 from xxnode.node.env.zygote import SpawnFailed, Zygote
+from xxnode.node.memory import IDLE, JobRef
 from xxnode.policy import warm_pool
 
 log = logging.getLogger("xxnode")
@@ -41,6 +43,7 @@ log = logging.getLogger("xxnode")
 ENVS = "_envs"
 ZYGOTE = "_zygote"
 KEEP_RESULTS = 1000
+RATE_TAU_S = 60.0  # how far back "invoked often" looks when choosing whom to kill
 
 
 class FunctionsUnavailable(Exception):
@@ -94,8 +97,11 @@ class Pool:
         self.api = RuntimeApi(self.by_uid.get)
         self.zygote: Zygote | None = None  # started once the listener's address is known
         self.keepalive: asyncio.TimerHandle | None = None
-        self.rates: dict[str, float] = {}  # invocations per second, decayed (victim value)
-        self.stats = {"invocations": 0, "cold": 0, "errors": 0, "timeouts": 0, "spawn_failed": 0}
+        self.rates: dict[str, tuple[float, float]] = {}  # key -> (rate, when), decayed
+        self.stats = {
+            "invocations": 0, "cold": 0, "errors": 0, "timeouts": 0, "spawn_failed": 0,
+            "evicted_for_memory": 0,
+        }  # fmt: skip
 
     async def start(self) -> None:
         for d in (sandbox.TASK_ROOT,):
@@ -293,7 +299,48 @@ class Pool:
             self.keepalive = loop.call_at(loop.time() + (when - now), self._arm_keepalive)
 
     def _note_rate(self, key: str) -> None:
-        self.rates[key] = self.rates.get(key, 0.0) + 1.0  # decayed in reclaim_candidates
+        """Invocations per second, decayed over RATE_TAU_S: how much a warm environment of
+        this function is worth keeping (warm_pool.victims)."""
+        now = time.monotonic()
+        rate, at = self.rates.get(key, (0.0, now))
+        self.rates[key] = (rate * math.exp(-(now - at) / RATE_TAU_S) + 1 / RATE_TAU_S, now)
+
+    def _rate(self, key: str, now: float) -> float:
+        rate, at = self.rates.get(key, (0.0, now))
+        return rate * math.exp(-(now - at) / RATE_TAU_S)
+
+    # -- memory -------------------------------------------------------------------------------
+    def memory_refs(self) -> list[JobRef]:
+        """What the memory manager ranks: idle environments at the idle rank (below every
+        class, first to be reclaimed), busy ones at their invocation's class."""
+        wall = time.time() - time.monotonic()
+        refs = []
+        for e in self.envs.values():
+            if e.state == "idle":
+                refs.append(JobRef(e.env_id, IDLE, e.cgroup, wall + e.idle_since))
+            elif e.current is not None:
+                refs.append(JobRef(e.env_id, e.current.cls, e.cgroup, wall + e.spawned))
+        return refs
+
+    def evict_idle(self, need: int) -> int:
+        """Kill idle environments, least valuable first, until `need` bytes are freed (the
+        memory manager's last resort before a running job suffers). Returns bytes freed."""
+        now = time.monotonic()
+        views, by_id = [], {}
+        for e in self.envs.values():
+            if e.state == "idle":
+                mem = e.resident()
+                views.append(warm_pool.IdleEnv(e.env_id, e.fn.key, e.idle_since, mem, e.init_ms))
+                by_id[e.env_id] = mem
+        rates = {v.function: self._rate(v.function, now) for v in views}
+        freed = 0
+        for eid in warm_pool.victims(views, need, rates):
+            freed += by_id[eid]
+            self.stats["evicted_for_memory"] += 1
+            self.envs[eid].kill("memory: reclaim was not enough")
+        if freed:
+            log.info("memory: killed idle environments holding %d MiB", freed >> 20)
+        return freed
 
     # -- what it shows ------------------------------------------------------------------------
     def _remember(self, result: dict) -> None:
