@@ -443,3 +443,59 @@ def test_a_fork_bomb_stops_at_the_process_limit_and_harms_no_one_else(node, host
     bystander = invoke(node, other, "lambda_function.lambda_handler", "high")
     assert bystander["error"] is None
     assert node.call({"op": "status"})["ok"]
+
+
+# -- the http runtime --------------------------------------------------------------------------------
+FLASK_APP = """
+import os
+from flask import Flask, request
+
+app = Flask(__name__)
+
+@app.post("/")
+def invoke():
+    return {"got": request.get_json(), "via": "flask"}
+
+@app.get("/hello/<name>")
+def hello(name):
+    resp = app.make_response(f"hello {name}, q={request.args.get('q')}")
+    resp.set_cookie("seen", "1")
+    return resp
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
+"""
+
+
+def test_a_flask_app_is_an_http_function(node, tmp_path):
+    import sys
+
+    code = code_dir(tmp_path, "flaskfn", {"app.py": FLASK_APP})
+    cmd = f"{sys.executable} app.py"
+    res = invoke(node, code, cmd, "high", {"a": 1}, runtime="http", timeout=10)
+    assert res["error"] is None, res
+    r = res["response"]
+    assert r["statusCode"] == 200 and r["isBase64Encoded"] is False
+    assert json.loads(r["body"]) == {"got": {"a": 1}, "via": "flask"}
+    assert res["report"]["cold"] is True
+    # a function-URL event (payload format 2.0) becomes the request itself
+    event = {
+        "version": "2.0", "rawPath": "/hello/xx", "rawQueryString": "q=7",
+        "headers": {"accept": "text/plain"},
+        "requestContext": {"http": {"method": "GET", "path": "/hello/xx"}},
+        "isBase64Encoded": False,
+    }  # fmt: skip
+    res2 = invoke(node, code, cmd, "low", event, runtime="http", timeout=10)
+    assert res2["error"] is None, res2
+    assert res2["report"]["env"] == res["report"]["env"] and res2["report"]["cold"] is False
+    assert res2["response"]["body"] == "hello xx, q=7"
+    assert res2["response"]["cookies"] and res2["response"]["cookies"][0].startswith("seen=1")
+    assert env_of(node, res["report"]["env"])["state"] == "frozen"
+
+
+def test_an_http_function_that_never_listens_is_a_clear_init_error(node, tmp_path):
+    code = code_dir(tmp_path, "deaf", {"bootstrap": "#!/bin/sh\nexec sleep 60\n"},
+                    modes={"bootstrap": 0o755})  # fmt: skip
+    res = invoke(node, code, "", "low", {}, runtime="http", timeout=3)
+    assert res["error"] is not None
+    assert res["error"]["errorType"] in ("Runtime.HttpNotReady", "Sandbox.Timedout"), res["error"]

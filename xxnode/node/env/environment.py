@@ -67,6 +67,7 @@ class Environment:
         self.init_failure: dict | None = None
         self.exit_status: int | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.bridge = None  # the http runtime's in-node runtime (http_bridge.HttpBridge)
         self.loop = asyncio.get_running_loop()
         self.out_fd = out_fd
         os.set_blocking(out_fd, False)
@@ -329,6 +330,8 @@ class Environment:
 
     def _dead(self) -> None:
         self.state = "dead"
+        if self.bridge is not None:
+            self.bridge.close()
         if self.reply is not None:
             self.reply = None
         self._read_output(drain=True)

@@ -56,6 +56,8 @@ class FunctionVersion:
             raise FunctionError(
                 f"handler: module.function for {self.runtime}, got {self.handler!r}"
             )
+        if len(self.handler) > 512 or "\0" in self.handler:
+            raise FunctionError("handler: at most 512 characters, no NUL")
         if not 0 < self.timeout <= 900:
             raise FunctionError(f"timeout: seconds in (0, 900], got {self.timeout}")
         size = 0

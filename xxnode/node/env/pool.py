@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from xxnode.node.env import sandbox
 from xxnode.node.env.code import CodeStore
 from xxnode.node.env.environment import Environment
 from xxnode.node.env.function import FunctionVersion
+from xxnode.node.env.http_bridge import HttpBridge, free_port
 from xxnode.node.env.invocation import Invocation
 from xxnode.node.env.runtime_api import RuntimeApi
 from xxnode.node.env.zygote import SpawnFailed, Zygote
@@ -43,6 +45,7 @@ log = logging.getLogger("xxnode")
 ENVS = "_envs"
 ZYGOTE = "_zygote"
 KEEP_RESULTS = 1000
+HTTP_READY_S = 10.0  # an http function must listen on $PORT this soon (Lambda's init limit)
 RATE_TAU_S = 60.0  # how far back "invoked often" looks when choosing whom to kill
 
 
@@ -195,7 +198,13 @@ class Pool:
             "env": fn.environ(self.api.address, env_id, None),
             "handler": fn.handler,
         }
-        if fn.python and self.cfg.zygote:
+        port = None
+        if fn.runtime == "http":
+            port = free_port()
+            req["env"] = fn.environ(self.api.address, env_id, port)
+            argv = shlex.split(fn.handler) if fn.handler else ["/var/task/bootstrap"]
+            req |= {"mode": "exec", "argv": argv}
+        elif fn.python and self.cfg.zygote:
             req["mode"] = "python"
         elif fn.python:
             req |= {"mode": "exec", "argv": [sys.executable, "-m", "awslambdaric", fn.handler]}
@@ -208,6 +217,8 @@ class Pool:
             raise
         finally:
             os.close(out_w)
+        if port is not None:
+            env.bridge = HttpBridge(env, port, self.cfg.response_limit, HTTP_READY_S)
         return env
 
     def _idle_env(self, key: str) -> Environment | None:

@@ -82,7 +82,7 @@ def _child(req: dict, out_fd: int, status_w: int, close: list[int]) -> None:
         if req["mode"] == "exec":
             argv = req["argv"]
             try:
-                os.execve(argv[0], argv, env)
+                os.execvpe(argv[0], argv, env)  # a bare name is looked up in the env's PATH
             except OSError as e:
                 os.write(status_w, f"exec {argv[0]}: {e.strerror}".encode())
                 os._exit(127)
