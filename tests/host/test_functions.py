@@ -499,3 +499,58 @@ def test_an_http_function_that_never_listens_is_a_clear_init_error(node, tmp_pat
     res = invoke(node, code, "", "low", {}, runtime="http", timeout=3)
     assert res["error"] is not None
     assert res["error"]["errorType"] in ("Runtime.HttpNotReady", "Sandbox.Timedout"), res["error"]
+
+
+# -- concurrency and the queue by class ---------------------------------------------------------------
+STAMP = """
+import time
+def handler(event, context):
+    started = time.time()
+    time.sleep(event.get("hold", 0))
+    return {"started": started, "tag": event["tag"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def one_env_node(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("fnnode1"), max_running=4,
+               extra="[functions]\nmax_concurrency = 1")  # fmt: skip
+    d.start()
+    yield d
+    d.cleanup()
+
+
+def test_beyond_the_concurrency_limit_invocations_wait_by_class(one_env_node, tmp_path):
+    import threading
+
+    node = one_env_node
+    code = code_dir(tmp_path, "stamp", {"app.py": STAMP})
+    out: dict[str, dict] = {}
+
+    def call(tag, cls, hold):
+        out[tag] = invoke(node, code, "app.handler", cls, {"tag": tag, "hold": hold}, timeout=10)
+
+    def waiting() -> int:
+        return node.call({"op": "status"})["status"]["functions"]["waiting"]
+
+    def busy() -> bool:
+        return any(e["state"] == "busy" for e in node.call({"op": "fn_envs"})["envs"])
+
+    first = threading.Thread(target=call, args=("first", "low", 1.5))
+    first.start()
+    while not busy():
+        pass  # the node's own table says when the one environment has taken it
+    low = threading.Thread(target=call, args=("low", "low", 0))
+    low.start()
+    while waiting() < 1:
+        pass
+    high = threading.Thread(target=call, args=("high", "high", 0))
+    high.start()
+    while waiting() < 2:
+        pass
+    for t in (first, low, high):
+        t.join()
+    envs = {r["report"]["env"] for r in out.values()}
+    assert len(envs) == 1  # one environment served all three, one at a time
+    assert out["high"]["response"]["started"] < out["low"]["response"]["started"]
+    assert out["first"]["response"]["started"] < out["high"]["response"]["started"]

@@ -133,3 +133,32 @@ def test_a_failing_tick_is_counted_and_the_loop_goes_on_with_a_snapshot_taken_on
     assert len(stepped_with) >= 2
     assert all(isinstance(r, tuple) for r in stepped_with)  # immutable, not the live table
     assert set(listed_on) == {loop_thread}  # the job table is read on the loop only
+
+
+def idle_env(jid, anon_mib, started=0.0):
+    from xxnode.node.memory import IDLE, IDLE_RANK
+
+    return JobSample(jid, IDLE, IDLE_RANK, anon_mib * MiB, 0, 0, anon_mib * MiB, 0, False,
+                     started)  # fmt: skip
+
+
+def test_idle_environments_are_reclaimed_before_any_class():
+    m = manager()
+    s = sample(GiB, [job("img", "image", 500), idle_env("e1", 100), job("prof", "profile", 300),
+                     idle_env("e2", 200)])  # fmt: skip
+    order = [j.job_id for j, _ in m.victims(s, 250 * MiB)]
+    assert order == ["e2", "e1"]  # both idle ones, the bigger first, before the image job
+    order = [j.job_id for j, _ in m.victims(s, 600 * MiB)]
+    assert order[:2] == ["e2", "e1"] and order[2] == "img"
+
+
+def test_when_reclaim_falls_short_idle_environments_are_evicted():
+    asked = []
+    m = manager()
+    m.evict = asked.append
+    s = sample(GiB - 500 * MiB, [])  # short, nothing to reclaim from
+    m.last = None
+    m.sample = lambda refs=None: s  # the decision only: no kernel
+    m.step(psi_woke=True, woke_at=None)
+    assert asked and asked[0] >= 500 * MiB
+    assert m.stats.idle_evictions == 1
