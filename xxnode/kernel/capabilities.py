@@ -72,6 +72,10 @@ DEGRADED = {
     "zswap": "swap-direct: reclaimed pages go straight to the swap device, uncompressed",
     "memory_reclaim": "no-proactive-reclaim: XX cannot push a class out; the kernel's global "
     "reclaim chooses victims",
+    "mount_ns": "no-functions: without a private mount namespace an environment would see "
+    "every tenant's code and share /tmp, so the node runs jobs only",
+    "sock_diag": "no-functions: the Runtime API cannot tell which environment is asking, so "
+    "the node runs jobs only",
 }
 
 
@@ -189,6 +193,8 @@ class Prober:
             ("swap", self.swap),
             ("zswap", self.zswap),
             ("memory_reclaim", self.memory_reclaim),
+            ("mount_ns", self.mount_ns),
+            ("sock_diag", self.sock_diag),
         ]
         return [self._run(name, fn) for name, fn in order]
 
@@ -368,6 +374,61 @@ class Prober:
         if moved < 4:
             return False, f"memory.reclaim '8M' moved only {moved:.1f} MiB"
         return True, f"reclaimed {moved:.1f} MiB of anon from a scratch cgroup in {ms:.0f} ms"
+
+    def mount_ns(self) -> tuple[bool, str]:
+        """A forked child makes the sandbox's mounts: its own namespace, a read-only tree,
+        a tmpfs; the parent must not see them."""
+        from xxnode.kernel import mount_ns
+
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            msg = b"ok"
+            try:
+                mount_ns.unshare_mounts()
+                mount_ns.make_tree_readonly("/")
+                mount_ns.tmpfs("/tmp", size_bytes=MiB)
+                with open("/tmp/xx-probe", "w") as f:
+                    f.write("x")
+            except OSError as e:
+                msg = f"{e.strerror or e}".encode()
+            os.write(w, msg)
+            os._exit(0)
+        os.close(w)
+        msg = os.read(r, 512).decode()
+        os.close(r)
+        os.waitpid(pid, 0)
+        if msg != "ok":
+            return False, f"in a child: {msg}"
+        if os.path.exists("/tmp/xx-probe"):
+            os.unlink("/tmp/xx-probe")
+            return False, "a mount made in a private namespace leaked to the host"
+        return True, "private mount namespace, read-only tree (mount_setattr), tmpfs"
+
+    def sock_diag(self) -> tuple[bool, str]:
+        """A loopback connection from a child of another uid is traced to that uid."""
+        import socket
+
+        from xxnode.kernel.sock_diag import PeerLookup
+
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(1)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setresuid(65534, 65534, 65534)
+                    c = socket.create_connection(srv.getsockname(), timeout=5)
+                    c.recv(1)
+                finally:
+                    os._exit(0)
+            conn, peer = srv.accept()
+            with conn, PeerLookup() as lookup:
+                found = lookup.owner(conn.getsockname(), peer)
+            os.waitpid(pid, 0)
+        if found is None or found[0] != 65534:
+            return False, f"the peer of a loopback connection was not found ({found})"
+        return True, "NETLINK_SOCK_DIAG names the uid behind a loopback connection"
 
 
 def probe_all() -> list[Capability]:
