@@ -299,7 +299,7 @@ def test_tenants_cannot_see_signal_write_or_answer_for_each_other(node, tmp_path
     rid = None
     while rid is None:  # B's current invocation, from the node's own table
         envs = [e for e in node.call({"op": "fn_envs"})["envs"] if e["tenant"] == "tenant-b"]
-        busy = [e for e in envs if e["state"] == "busy"]
+        busy = [e for e in envs if e["state"] == "running"]
         if busy:
             rid = _current_request(node, busy[0]["env"])
     res = invoke(node, a, "app.handler", "high", {
@@ -534,7 +534,7 @@ def test_beyond_the_concurrency_limit_invocations_wait_by_class(one_env_node, tm
         return node.call({"op": "status"})["status"]["functions"]["waiting"]
 
     def busy() -> bool:
-        return any(e["state"] == "busy" for e in node.call({"op": "fn_envs"})["envs"])
+        return any(e["state"] == "running" for e in node.call({"op": "fn_envs"})["envs"])
 
     first = threading.Thread(target=call, args=("first", "low", 1.5))
     first.start()

@@ -340,7 +340,8 @@ class Environment:
 
     def describe(self) -> dict:
         cur, _peak, _src = self._memory() if self.state != "dead" else (0, 0, "")
-        state = self.state
+        # what xxctl fn envs shows: starting / running / idle / frozen / swapped
+        state = "running" if self.state in ("busy", "answered") else self.state
         if state == "idle":
             state = "frozen" if self.frozen else "idle"
             if self._swapped():
