@@ -554,3 +554,34 @@ def test_beyond_the_concurrency_limit_invocations_wait_by_class(one_env_node, tm
     assert len(envs) == 1  # one environment served all three, one at a time
     assert out["high"]["response"]["started"] < out["low"]["response"]["started"]
     assert out["first"]["response"]["started"] < out["high"]["response"]["started"]
+
+
+def test_a_restarted_node_clears_the_environments_of_its_earlier_run(tmp_path):
+    d = Daemon(tmp_path / "restart", max_running=4)
+    d.start()
+    try:
+        code = code_dir(tmp_path, "again", {"lambda_function.py": HELLO_DOCS})
+        first = invoke(d, code, "lambda_function.lambda_handler", "low")
+        env = first["report"]["env"]
+        leaf = d.cgroup.child("_envs").child(env)
+        pids = leaf.procs()
+        assert pids
+        d.crash()  # kill -9: the frozen environment outlives its daemon
+        assert leaf.procs() == pids
+        d.start()
+        assert not leaf.exists()  # killed and removed before any uid is handed out again
+        assert not any(os.path.exists(f"/proc/{p}") and _in_cgroup(p, leaf) for p in pids)
+        zygotes = [c for c in d.cgroup.children() if c.path.name.startswith("_zygote")]
+        assert len(zygotes) == 1  # the earlier run's is gone
+        again = invoke(d, code, "lambda_function.lambda_handler", "low")
+        assert again["error"] is None and again["report"]["cold"] is True
+    finally:
+        d.cleanup()
+
+
+def _in_cgroup(pid: int, cg) -> bool:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return any(line.rstrip().endswith(cg.path.name) for line in f)
+    except OSError:
+        return False

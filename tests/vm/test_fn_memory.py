@@ -65,7 +65,8 @@ def test_idle_environments_swap_first_and_come_back_intact(node, tmp_path):
     assert all(states[e] == "frozen" for e in envs), states
 
     # a high-class job that needs more than is free: something must go, and it must not be it
-    need = int(meminfo.meminfo()["MemAvailable"] * 0.85) // MiB
+    # perl's `'a' x N` peaks at ~2N (the string is built, then copied): ~80% of what is free
+    need = int(meminfo.meminfo()["MemAvailable"] * 0.40) // MiB
     res = node.run("high", ["/usr/bin/perl", "-e", HIGH.format(mib=need)], timeout=600)
     assert res["result"]["state"] == "succeeded", res["result"]
     assert res["stdout"].strip() == "intact"

@@ -414,9 +414,10 @@ class MemoryManager:
             cause = "psi" if psi_woke else "low-watermark"
             asked = sum(n for _, n in chosen)
             got = sum(self.reclaim(job, n, cause, woke_at) for job, n in chosen)
-            if got * 4 < asked:
-                # reclaim is not enough (swap full, or none): idle environments die now,
-                # least valuable first, before any running job is starved or OOM-killed
+            if got * 4 < asked and s.available < s.total * self.cfg.low_free_fraction:
+                # reclaim is not keeping up (swap full, or none) and we are below the low
+                # watermark: idle environments die now, least valuable first, before any
+                # running job is starved or OOM-killed
                 self._evict_idle(asked - got)
             # Carry on at once only while chunks pay: when the victims have nothing left to
             # give, tight retries would only burn CPU; the next PSI event or tick decides.

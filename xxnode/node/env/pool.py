@@ -45,6 +45,7 @@ log = logging.getLogger("xxnode")
 ENVS = "_envs"
 ZYGOTE = "_zygote"
 KEEP_RESULTS = 1000
+STALE_GRACE_S = 10.0  # cgroup.kill is asynchronous; an emptied tree is removable
 HTTP_READY_S = 10.0  # an http function must listen on $PORT this soon (Lambda's init limit)
 RATE_TAU_S = 60.0  # how far back "invoked often" looks when choosing whom to kill
 
@@ -84,7 +85,10 @@ class Pool:
         self.cfg, self.classes = cfg, classes
         self.enabled = enabled
         self.envs_cg = root.child(ENVS)
-        self.zygote_cg = root.child(ZYGOTE)
+        self.root = root
+        # fresh per run, as the shims' cgroup: a CLONE_INTO_CGROUP child dies at birth when
+        # its parent's cgroup and the target differ in kill_seq (kernel/clone3.c)
+        self.zygote_cg = root.child(f"{ZYGOTE}-{time.time_ns()}")
         self.code = CodeStore(state_dir / "code", cfg.max_code_zipped, cfg.max_code_unpacked)
         self.hide = hide
         self.watcher = watcher
@@ -118,13 +122,30 @@ class Pool:
             self.envs_cg.path.mkdir(exist_ok=True)
             self.envs_cg.enable(self.enabled)
             self.zygote_cg.path.mkdir(exist_ok=True)
-            for stale in self.envs_cg.children():  # environments of an earlier run
-                stale.kill()
+            self._clear_earlier_run()
         except (OSError, CgroupError) as e:
             raise FunctionsUnavailable(f"environment cgroups: {e}") from None
         await self.api.start()
         self.zygote = Zygote(self._exited, self.api.address, self.zygote_cg)
         await self.zygote.start()
+
+    def _clear_earlier_run(self) -> None:
+        """Environments are warm caches, not state: those of an earlier run (and its zygote,
+        which exits when its daemon's socket closes) are killed and removed before any of
+        their uids is handed out again."""
+        stale = [cg for cg in self.envs_cg.children()]
+        stale += [
+            cg for cg in self.root.children()
+            if cg.path.name.startswith(ZYGOTE) and cg.path != self.zygote_cg.path
+        ]  # fmt: skip
+        for cg in stale:
+            cg.kill()
+        for cg in stale:
+            if not self.watcher.wait(cg, STALE_GRACE_S):
+                raise FunctionsUnavailable(f"{cg.path} did not empty after cgroup.kill")
+            cg.remove()
+        if stale:
+            log.info("functions: removed %d environments of an earlier run", len(stale))
 
     # -- invocations ------------------------------------------------------------------------
     def register_code(self, path_or_bytes) -> str:
