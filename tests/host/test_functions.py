@@ -585,3 +585,16 @@ def _in_cgroup(pid: int, cg) -> bool:
             return any(line.rstrip().endswith(cg.path.name) for line in f)
     except OSError:
         return False
+
+
+def test_a_bootstrap_that_dies_at_once_is_an_exit_error_not_a_hang(node, tmp_path):
+    code = code_dir(tmp_path, "dies", {"bootstrap": "#!/bin/sh\nexit 7\n"},
+                    modes={"bootstrap": 0o755})  # fmt: skip
+    for _ in range(3):  # however the exit races the hand-over
+        res = invoke(node, code, "x", "low", {}, runtime="provided", timeout=3)
+        assert res["error"]["errorType"] == "Runtime.ExitError", res["error"]
+        assert "exit status 7" in res["error"]["errorMessage"]
+    missing = code_dir(tmp_path, "nobootstrap", {"README": "no bootstrap here"})
+    res = invoke(node, missing, "x", "low", {}, runtime="provided", timeout=3)
+    assert res["error"]["errorType"] == "Runtime.SandboxError", res["error"]
+    assert "bootstrap" in res["error"]["errorMessage"]

@@ -77,6 +77,11 @@ class Environment:
     def assign(self, inv: Invocation, cls: PriceClass) -> None:
         """Hand `inv` to this environment: its class on every thread, thawed, delivered now
         if the runtime is waiting in /next, else when it asks."""
+        if self.state == "dead":  # it died between its spawn and this hand-over
+            inv.env_id, inv.cold, inv.started = self.env_id, True, time.monotonic()
+            inv.add_log(bytes(self.init_log))
+            inv.finish(None, "", self.init_failure or _died(inv.request_id, self.exit_status))
+            return
         assert self.current is None and self.state in ("starting", "idle", "answered")
         self.current, self.delivered = inv, False
         inv.env_id, inv.cold = self.env_id, self.invocations == 0
@@ -115,18 +120,9 @@ class Environment:
         self.exit_status = status
         if self.state == "dead":
             return
-        how = (
-            f"signal: {os.WTERMSIG(status)}"
-            if os.WIFSIGNALED(status)
-            else f"exit status {os.WEXITSTATUS(status)}"
-        )
         if self.current is not None and self.init_failure is None:
-            rid = self.current.request_id
-            self.init_failure = {
-                "errorType": "Runtime.ExitError",
-                "errorMessage": f"RequestId: {rid} Error: Runtime exited with error: {how}",
-            }
-        self.kill(f"runtime exited ({how})", self.init_failure)
+            self.init_failure = _died(self.current.request_id, status)
+        self.kill(f"runtime exited (wait status {status})", self.init_failure)
 
     def timed_out(self) -> None:
         inv = self.current
@@ -374,6 +370,17 @@ class Environment:
             )
         except CgroupError:
             return False
+
+
+def _died(request_id: str, status: int | None) -> dict:
+    how = "killed" if status is None else (
+        f"signal: {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+        else f"exit status {os.WEXITSTATUS(status)}"
+    )  # fmt: skip
+    return {
+        "errorType": "Runtime.ExitError",
+        "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: {how}",
+    }
 
 
 def _forbidden(request_id: str) -> tuple[int, dict]:
