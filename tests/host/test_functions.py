@@ -173,6 +173,10 @@ def test_context_fields_boto3_and_one_warm_environment_across_classes(node, tmp_
     env = first["report"]["env"]
     # between invocations the environment is frozen
     assert env_of(node, env)["state"] == "frozen"
+    # and the memory manager sees it as an idle environment, not a job of any class
+    mem = xxctl(node, "memory", "--json")
+    assert mem.returncode == 0, mem.stderr
+    assert json.loads(mem.stdout)["idle_environments"]["jobs"] >= 1
     low = invoke(node, code, "app.handler", "low", {"n": 2}, timeout=7)
     assert low["report"]["env"] == env and low["report"]["cold"] is False
     assert low["response"]["policies"] == [[os.SCHED_BATCH, 0]]

@@ -215,6 +215,11 @@ def cmd_memory(args) -> int:
             f"{_mib(pc['zswapped']):>8} {_mib(pc['reclaimed_total']):>10} "
             f"{pc.get('psi_some_avg10', 0.0):>6.2f} {pc['oom_score_adj']:>7}"
         )
+    if idle := m.get("idle_environments"):  # below every class: reclaimed first
+        print(
+            f"{'(idle)':<10} {idle['jobs']:>4} {_mib(idle['memory']):>8} {_mib(idle['swap']):>8} "
+            f"{_mib(idle['zswapped']):>8} {_mib(idle['reclaimed_total']):>10} {'-':>6} {'-':>7}"
+        )
     if m["jobs"]:
         print(f"\n{'JOB':<10} {'CLASS':<10} {'MEMORY':>8} {'SWAP':>8} {'ANON':>8} "
               f"{'FAULTS':>8} RUNNING")  # fmt: skip

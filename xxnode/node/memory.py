@@ -540,7 +540,12 @@ class MemoryManager:
             "classes": per_class,
             "idle_environments": idle
             | {"reclaimed_total": self.stats.reclaimed_by_class.get(IDLE, 0)},
-            "jobs": [asdict(j) for j in s.jobs],
+            "jobs": [
+                {k: v for k, v in asdict(j).items() if k != "leaf"} | {"cgroup": str(j.leaf.path)}
+                if j.leaf
+                else asdict(j)
+                for j in s.jobs
+            ],
             "reclaims": [asdict(e) for e in list(self.events)[-20:]],
             "stats": asdict(self.stats),
             "trigger": self.trigger_error or self.trigger_note,
