@@ -55,6 +55,10 @@ class Runtime:
     mean: float = 0.1  # exponential: mean runtime (s)
     mean_sd: float = 0.0  # exponential: per-function mean ~ Normal(mean, mean_sd)
     functions: int = 1000
+    # Which function a job invokes: "uniform" (the paper) or "zipf" (the k-th most popular
+    # function has weight 1/k**zipf_s; function 0 is the most popular).
+    popularity: str = "uniform"
+    zipf_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,23 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class Warm:
+    """Warm execution environments per machine (XX only), decided by
+    ``xxnode.policy.warm_pool`` as on the node.  Off by default: then no job pays a
+    cold start and every other figure is as before."""
+
+    enabled: bool = False
+    keep_alive_s: float | None = 600.0  # null: never expire (PoolPolicy keep_alive_s=inf)
+    max_idle_per_function: int = 4
+    cold_start_ms: float = 8.0  # XX's zygote p50; "Lambda-like" is 100-250
+    # If set, each function's cold start is drawn once, uniform in [cold_start_ms, this].
+    cold_start_max_ms: float | None = None
+    env_mb: float = 128.0  # memory an idle environment holds (Lambda's smallest size)
+    idle_memory_mb: float | None = None  # per-machine budget for idle envs; null: unlimited
+    rate_tau_s: float = 60.0  # time constant of the per-function rate EWMA (victim value)
+
+
+@dataclass(frozen=True)
 class Config:
     cluster: Cluster = field(default_factory=Cluster)
     arrivals: Arrivals = field(default_factory=Arrivals)
@@ -93,6 +114,7 @@ class Config:
     classes: Classes = field(default_factory=Classes)
     memory: Memory = field(default_factory=Memory)
     scheduler: Scheduler = field(default_factory=Scheduler)
+    warm: Warm = field(default_factory=Warm)
     seed: int = 1
 
 
@@ -103,6 +125,7 @@ _SECTIONS = {
     "classes": Classes,
     "memory": Memory,
     "scheduler": Scheduler,
+    "warm": Warm,
 }
 
 
@@ -126,7 +149,9 @@ def _coerce(key: str, default: Any, v: Any) -> Any:
         return v
     if isinstance(default, int):
         return _num(key, v, integer=True)
-    if isinstance(default, float) or (default is None and key.endswith(("load", "rate", "_gb"))):
+    if isinstance(default, float) or (
+        default is None and key.endswith(("load", "rate", "_gb", "_ms", "_mb"))
+    ):
         return None if v is None else _num(key, v)
     if isinstance(default, str):
         if not isinstance(v, str):
@@ -257,3 +282,19 @@ def validate(c: Config) -> None:
     )
     _check(sc.mem_tick > 0, "scheduler.mem_tick", "must be > 0")
     _check(sc.sample_every > 0, "scheduler.sample_every", "must be > 0")
+    _check(rt.popularity in ("uniform", "zipf"), "runtime.popularity", "must be uniform|zipf")
+    _check(rt.zipf_s >= 0, "runtime.zipf_s", "must be >= 0")
+    w = c.warm
+    if w.enabled:
+        _check(sc.name == "xx", "warm.enabled", "warm environments are simulated for xx only")
+    _check(w.keep_alive_s is None or w.keep_alive_s >= 0, "warm.keep_alive_s", "must be >= 0")
+    _check(w.max_idle_per_function >= 0, "warm.max_idle_per_function", "must be >= 0")
+    _check(w.cold_start_ms >= 0, "warm.cold_start_ms", "must be >= 0")
+    _check(
+        w.cold_start_max_ms is None or w.cold_start_max_ms >= w.cold_start_ms,
+        "warm.cold_start_max_ms",
+        "must be >= cold_start_ms or null",
+    )
+    _check(w.env_mb >= 0, "warm.env_mb", "must be >= 0")
+    _check(w.idle_memory_mb is None or w.idle_memory_mb >= 0, "warm.idle_memory_mb", "must be >= 0")
+    _check(w.rate_tau_s > 0, "warm.rate_tau_s", "must be > 0")

@@ -1,5 +1,6 @@
 """Fig. 4 (per-class latency against load, three schedulers) and Fig. 5 (memory
-spread and class-based swapping in XX), as CSV + PNG + a JSON-able summary."""
+spread and class-based swapping in XX), and cold starts against keep-alive with warm
+execution environments (``warm``), each as CSV + PNG + a JSON-able summary."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import simulate
-from .config import Arrivals, Cluster, Config, Scheduler
+from .config import Arrivals, Cluster, Config, Runtime, Scheduler, Warm
 from .metrics import quantile
 
 SCHEDULERS = ("hermod", "xx", "edf")
@@ -304,6 +305,153 @@ def _plot5(path: Path, series, names, step, loads) -> None:
     ax.set_title("(d) swap per class")
     ax.legend(fontsize=8)
     fig.suptitle("Fig. 5: XX with 32 GB/machine under a rising load (swap time not simulated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# -- warm environments: cold starts against keep-alive --------------------------------------
+
+# Cold-start models (ms): XX's zygote fork (our measured p50) against the paper's anchor
+# for a Lambda-like sandbox start, drawn once per function in [100, 250].
+WARM_MODELS = {"xx-zygote": (8.0, None), "lambda-like": (100.0, 250.0)}
+WARM_COLORS = {"xx-zygote": "tab:blue", "lambda-like": "tab:red"}
+WARM_KEEP_ALIVE = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, None)  # None: never expire
+WARM_QUICK_KEEP_ALIVE = (0.0, 1.0, 10.0, None)
+
+
+def _ka_label(ka: float | None) -> str:
+    return "inf" if ka is None else f"{ka:g}"
+
+
+def warm_base(seed: int = 1, jobs: int = 100_000) -> Config:
+    """The workload of the warm-pool figure: 200 functions with Zipf(1) popularity on 10
+    machines x 8 cores at load 0.6, power-of-k placement (k = 3), memory unlimited."""
+    return Config(
+        seed=seed,
+        cluster=Cluster(machines=10, cores=8, shards=2, k=3),
+        arrivals=Arrivals(load=0.6, jobs=jobs, warmup=0.2),
+        runtime=Runtime(functions=200, popularity="zipf", zipf_s=1.0),
+        scheduler=Scheduler(name="xx", idle_list=False),
+    )
+
+
+def warm(
+    out: Path, quick: bool, seed: int = 1, jobs: int | None = None, log=print
+) -> dict[str, Any]:
+    """Cold-start fraction and response p99 against keep-alive, XX's zygote against a
+    Lambda-like cold start, with the environments kept by ``xxnode.policy.warm_pool``;
+    plus the same workload with no cold starts at all (warm mode off) as the floor."""
+    kas = WARM_QUICK_KEEP_ALIVE if quick else WARM_KEEP_ALIVE
+    base = warm_base(seed, jobs or (20_000 if quick else 100_000))
+    top = base.classes.names[-1]
+    rows = []
+
+    def row(model, ka, r):
+        s = r.summary()
+        pooled = sorted(x for a in r.response for x in a)
+        w = s.get("warm", {})
+        ev = w.get("evicted", {})
+        rows.append(
+            {
+                "model": model,
+                "keep_alive_s": _ka_label(ka),
+                "cold_fraction": w.get("cold_fraction", 0.0),
+                "added_latency_mean_ms": w.get("added_latency_mean_ms", 0.0),
+                "response_p50": quantile(pooled, 0.5),
+                "response_p99": quantile(pooled, 0.99),
+                "top_class_response_p99": s["classes"][top]["response_p99"],
+                "finished_share": len(pooled) / sum(r.measured),
+                "evicted_keep_alive": ev.get("keep_alive", 0),
+                "evicted_cap": ev.get("cap", 0),
+                "idle_max_per_function": w.get("idle_max_per_function", 0),
+            }
+        )
+        v = rows[-1]
+        log(
+            f"warm {model:11s} keep_alive={_ka_label(ka):>4s} cold={v['cold_fraction']:.3f} "
+            f"p99={v['response_p99']:.3f}s top p99={v['top_class_response_p99']:.3f}s "
+            f"finished={v['finished_share']:.3f} ({r.wall_s:.1f}s)"
+        )
+
+    row("no-cold-start", None, simulate(base))
+    for model, (cs, cmax) in WARM_MODELS.items():
+        for ka in kas:
+            w = Warm(enabled=True, keep_alive_s=ka, cold_start_ms=cs, cold_start_max_ms=cmax)
+            row(model, ka, simulate(replace(base, warm=w)))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "warm.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot_warm(out / "warm.png", rows, kas, base)
+
+    def pick(model, key):
+        return {r["keep_alive_s"]: r[key] for r in rows if r["model"] == model}
+
+    floor = rows[0]
+    return {
+        "figure": "warm",
+        "jobs_per_point": base.arrivals.jobs,
+        "functions": base.runtime.functions,
+        "keep_alive_s": [_ka_label(ka) for ka in kas],
+        "no_cold_start": {k: floor[k] for k in ("response_p99", "top_class_response_p99")},
+        "cold_fraction": {m: pick(m, "cold_fraction") for m in WARM_MODELS},
+        "added_latency_mean_ms": {m: pick(m, "added_latency_mean_ms") for m in WARM_MODELS},
+        "response_p99_s": {m: pick(m, "response_p99") for m in WARM_MODELS},
+        "top_class_response_p99_s": {m: pick(m, "top_class_response_p99") for m in WARM_MODELS},
+        "finished_share": {m: pick(m, "finished_share") for m in WARM_MODELS},
+        "files": [str(out / "warm.csv"), str(out / "warm.png")],
+    }
+
+
+def _plot_warm(path: Path, rows, kas, base: Config) -> None:
+    plt = _plt()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    xs = list(range(len(kas)))
+    labels = [_ka_label(ka).replace("inf", "never") for ka in kas]
+    floor = rows[0]
+    for model, (cs, cmax) in WARM_MODELS.items():
+        mine = {r["keep_alive_s"]: r for r in rows if r["model"] == model}
+        rs = [mine[_ka_label(ka)] for ka in kas]
+        col = WARM_COLORS[model]
+        name = f"{model} ({cs:g} ms)" if cmax is None else f"{model} ({cs:g}-{cmax:g} ms)"
+        a.plot(xs, [r["cold_fraction"] for r in rs], "o-", color=col, label=name)
+        b.plot(xs, [r["added_latency_mean_ms"] for r in rs], "o-", color=col, label=name)
+        c.plot(xs, [r["response_p99"] for r in rs], "o-", color=col, label=f"{model}: all")
+        c.plot(
+            xs, [r["top_class_response_p99"] for r in rs], "s--", color=col, ms=4,
+            label=f"{model}: top class",
+        )  # fmt: skip
+        for x, r in zip(xs, rs, strict=True):
+            if r["finished_share"] < 0.999:
+                c.annotate(
+                    f"{100 * r['finished_share']:.0f}% fin.", (x, r["response_p99"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7, color=col,
+                )  # fmt: skip
+    c.axhline(floor["response_p99"], color="grey", lw=1, label="no cold starts: all")
+    c.axhline(floor["top_class_response_p99"], color="grey", lw=1, ls="--", label="... top class")
+    a.set_ylabel("cold-start fraction (measured invocations)")
+    a.set_ylim(0, 1.02)
+    b.set_ylabel("cold-start time per invocation, mean (ms)")
+    b.set_yscale("log")
+    c.set_ylabel("response p99 (s), finished jobs")
+    c.set_yscale("log")
+    for ax in (a, b, c):
+        ax.set_xticks(xs, labels)
+        ax.set_xlabel("keep-alive (s)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    a.set_title("(a) cold starts")
+    b.set_title("(b) added latency, mean")
+    c.set_title("(c) response p99 (a cold start holds a core)")
+    cl, rt = base.cluster, base.runtime
+    fig.suptitle(
+        f"Warm environments (warm_pool, idle cap {Warm().max_idle_per_function}/function): "
+        f"{rt.functions} functions, Zipf({rt.zipf_s:g}), {cl.machines}x{cl.cores} cores, "
+        f"load {base.arrivals.load:g}, {base.arrivals.jobs} jobs/point",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

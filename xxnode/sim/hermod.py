@@ -61,7 +61,7 @@ def run(cfg: Config) -> Result:
     now = 0.0
     while True:
         if nxt is not None and (not heap or nxt[0] <= heap[0][0]):
-            now, runtime, rank, _mem = nxt
+            now, runtime, rank, _mem, _fn = nxt
             meas = lo_j <= jid and (jid < hi_j or hi_j < 0) and lo_t <= now < hi_t
             if meas:
                 measured[rank] += 1

@@ -3,6 +3,7 @@
   xxsim run --config FILE [--json]      one simulation of any workload (JSON or TOML)
   xxsim fig4 --out DIR [--quick] [--json]
   xxsim fig5 --out DIR [--quick] [--json]
+  xxsim warm --out DIR [--quick] [--json]   cold starts vs keep-alive (warm environments)
 
 Config errors print one line naming the key and exit with status 2.
 """
@@ -44,6 +45,13 @@ def _table(s: dict[str, Any]) -> str:
             f"{v['response_p50']:9.4f} {v['response_p99']:9.4f} {v['slowdown_p50']:9.2f} "
             f"{v['slowdown_p99']:9.2f}"
         )
+    w = s.get("warm")
+    if w is not None:
+        lines.append(
+            f"warm: keep_alive={w['keep_alive_s']:g}s cold_start={w['cold_start_ms']:g}ms "
+            f"cold_fraction={w['cold_fraction']:.4f} "
+            f"added_latency_mean={w['added_latency_mean_ms']:.3f}ms evicted={w['evicted']}"
+        )
     return "\n".join(lines)
 
 
@@ -55,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="simulate one config")
     r.add_argument("--config", required=True, help="JSON or TOML file (see docs/sim.md)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
-    for name in ("fig4", "fig5"):
-        f = sub.add_parser(name, help=f"reproduce the paper's {name}")
+    helps = {
+        "fig4": "reproduce the paper's fig4",
+        "fig5": "reproduce the paper's fig5",
+        "warm": "cold-start fraction and p99 vs keep-alive, zygote vs Lambda-like cold start",
+    }
+    for name, text in helps.items():
+        f = sub.add_parser(name, help=text)
         f.add_argument("--out", required=True, type=Path, help="directory for CSV and PNG")
         f.add_argument("--quick", action="store_true", help="small run (seconds)")
         f.add_argument("--json", action="store_true", help="print the summary as JSON")
         f.add_argument("--seed", type=int, default=1)
-        if name == "fig4":
-            f.add_argument(
-                "--jobs", type=int, default=None, help="jobs per (scheduler, load) point"
-            )
+        if name in ("fig4", "warm"):
+            f.add_argument("--jobs", type=int, default=None, help="jobs per point")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "run":
@@ -76,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         def log(msg: str) -> None:
             print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
+        if getattr(a, "jobs", None) is not None and a.jobs < 100:
+            raise ConfigError("--jobs: must be >= 100")
         if a.cmd == "fig4":
-            if a.jobs is not None and a.jobs < 100:
-                raise ConfigError("--jobs: must be >= 100")
             s = figures.fig4(a.out, a.quick, a.seed, a.jobs, log=log)
-        else:
+        elif a.cmd == "fig5":
             s = figures.fig5(a.out, a.quick, a.seed, log=log)
+        else:
+            s = figures.warm(a.out, a.quick, a.seed, a.jobs, log=log)
         print(json.dumps(_clean(s), indent=1) if a.json else f"wrote {', '.join(s['files'])}")
         return 0
     except ConfigError as e:

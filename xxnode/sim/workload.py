@@ -3,7 +3,7 @@
 Each of ``functions`` functions gets a runtime distribution (Pareto with a fixed
 alpha and x_m ~ Normal, or exponential) and a price class drawn from the class
 weights independently of its runtime.  Jobs arrive open-loop (Poisson or evenly
-spaced), pick a function uniformly, draw a runtime from it and a total memory
+spaced), pick a function (uniformly, as in the paper, or by Zipf popularity), draw a runtime from it and a total memory
 uniform in [min_mb, max_mb].  All draws come from one ``random.Random(seed)`` in
 a fixed order, so every scheduler sees the byte-identical job sequence.
 """
@@ -54,7 +54,11 @@ def plan(cfg: Config) -> Plan:
         else:
             fn_param.append(_truncnormal(frng, rt.mean, rt.mean_sd, rt.mean * 0.05))
         fn_class.append(bisect.bisect_right(cum, frng.random() * cum[-1]))
-    mean_param = sum(fn_param) / len(fn_param)
+    if rt.popularity == "zipf":  # E[S] over invocations: weighted by popularity
+        w = [(k + 1) ** -rt.zipf_s for k in range(rt.functions)]
+        mean_param = sum(x * y for x, y in zip(w, fn_param, strict=True)) / sum(w)
+    else:
+        mean_param = sum(fn_param) / len(fn_param)
     mean_rt = rt.alpha / (rt.alpha - 1) * mean_param if rt.dist == "pareto" else mean_param
     capacity = cl.machines * cl.cores
     if ar.schedule is not None:
@@ -81,14 +85,22 @@ def offered_load(cfg: Config, p: Plan) -> float:
     return p.rate_steps[0][1] * p.mean_runtime / (cfg.cluster.machines * cfg.cluster.cores)
 
 
-def jobs(cfg: Config, p: Plan) -> Iterator[tuple[float, float, int, float]]:
-    """Yield (arrival_time, runtime_s, class_rank, total_mem_bytes) in arrival order."""
+def jobs(cfg: Config, p: Plan) -> Iterator[tuple[float, float, int, float, int]]:
+    """Yield (arrival_time, runtime_s, class_rank, total_mem_bytes, function) in arrival order.
+
+    Zipf popularity takes the same single draw per job as uniform, so the rest of the
+    stream (runtimes, classes, memory) is drawn in the same order either way."""
     rng = random.Random(cfg.seed)
     r = rng.random
     pareto = cfg.runtime.dist == "pareto"
     inv_alpha = 1.0 / cfg.runtime.alpha
     fn_class, fn_param = p.fn_class, p.fn_param
     nfn = len(fn_param)
+    zipf = None
+    if cfg.runtime.popularity == "zipf":
+        zipf = list(itertools.accumulate((k + 1) ** -cfg.runtime.zipf_s for k in range(nfn)))
+        zipf_total = zipf[-1]
+        bisect_right = bisect.bisect_right
     per_job = cfg.classes.per == "job"
     cum = list(itertools.accumulate(cfg.classes.weights))
     total_w = cum[-1]
@@ -115,11 +127,14 @@ def jobs(cfg: Config, p: Plan) -> Iterator[tuple[float, float, int, float]]:
         t += gap
         if t >= end:
             return
-        f = int(r() * nfn)
+        if zipf is None:
+            f = int(r() * nfn)
+        else:
+            f = min(bisect_right(zipf, r() * zipf_total), nfn - 1)
         if pareto:
             runtime = fn_param[f] * (1.0 - r()) ** -inv_alpha
         else:
             runtime = -log(1.0 - r()) * fn_param[f] or 1e-12  # a 0 draw would break slowdown
         rank = bisect.bisect_right(cum, r() * total_w) if per_job else fn_class[f]
-        yield t, runtime, rank, mem_lo + r() * mem_span
+        yield t, runtime, rank, mem_lo + r() * mem_span, f
         remaining -= 1

@@ -1,6 +1,8 @@
 """XX in simulation: shards with a per-class multi-queue, idle list or power-of-k
 placement, machines with preemptive priority (FIFO within a class), and, when
-memory is limited, class-based swapping (§3.2, §4.3).
+memory is limited, class-based swapping (§3.2, §4.3), and with ``warm.enabled``
+warm execution environments per machine and function (``warm``: keep-alive, idle
+cap, reuse and memory victims by ``xxnode.policy.warm_pool``, as on the node).
 
 Every decision is made by ``xxnode.policy``; this module only keeps time, moves
 jobs and keeps books.  Swap time is not simulated (§4.1 assumption 3); the
@@ -21,12 +23,13 @@ from xxnode.policy.node_queue import NodeQueue
 from xxnode.policy.probe import least_loaded, sample
 from xxnode.policy.swap_victims import JobMemory, choose_victims
 
+from . import warm as warm_envs
 from .config import GB, MB, Config
 from .metrics import Result
 from .workload import jobs as gen_jobs
 from .workload import offered_load, plan, window
 
-FINISH, TICK, SHARD_DONE = 0, 1, 2
+FINISH, TICK, SHARD_DONE, KEEPALIVE = 0, 1, 2, 3
 
 
 class SimJob:
@@ -45,9 +48,12 @@ class SimJob:
         "meas",
         "swapped",
         "m",
+        "fn",
+        "env",
+        "cold",
     )
 
-    def __init__(self, jid, rank, cls, arrival, runtime, mem, meas):
+    def __init__(self, jid, rank, cls, arrival, runtime, mem, meas, fn):
         self.id = jid
         self.rank = rank
         self.cls = cls
@@ -60,12 +66,15 @@ class SimJob:
         self.meas = meas
         self.swapped = 0.0
         self.m = None
+        self.fn = fn
+        self.env = None  # its environment's id (warm mode)
+        self.cold = 0.0  # cold start (s) added to its work, 0.0 when it ran warm
 
 
 class Machine:
     __slots__ = (
         "idx", "free", "running", "q", "njobs", "jobs", "listing", "free_mem",
-        "swap_out", "swap_in", "swapped_now", "first_swap_util",
+        "swap_out", "swap_in", "swapped_now", "first_swap_util", "envs",
     )  # fmt: skip
 
     def __init__(self, idx, cores, ranks, cap):
@@ -81,6 +90,7 @@ class Machine:
         self.swap_in = 0.0
         self.swapped_now = 0.0
         self.first_swap_util = None
+        self.envs = None  # warm.MachineEnvs in warm mode
 
 
 def run(cfg: Config) -> Result:
@@ -111,6 +121,21 @@ def run(cfg: Config) -> Result:
     swap_class = [0.0] * len(names)
     swap_running = [0.0]  # bytes taken from jobs holding a core (they fault straight back)
     samples: list = []  # (t, [util per machine], [swap_out per machine])
+    warm_mode = cfg.warm.enabled
+    if warm_mode:
+        wp = warm_envs.params(cfg)
+        wstats = warm_envs.Stats()
+
+        def schedule(envs, when, fn, token):
+            nonlocal seq
+            seq += 1
+            push(heap, (when, seq, KEEPALIVE, envs, (fn, token)))
+
+        for m in machines:
+            m.envs = warm_envs.MachineEnvs(f"m{m.idx}", wp, wstats, schedule)
+    cold_meas = [0] * len(names)  # measured jobs that paid a cold start, per class
+    warm_meas = [0] * len(names)
+    cold_paid = [0.0]  # seconds of cold start paid by measured jobs
 
     def njobs_of(i):
         return machines[i].njobs
@@ -133,6 +158,17 @@ def run(cfg: Config) -> Result:
         nonlocal preemptions
         j.m = m
         m.njobs += 1
+        if warm_mode:
+            j.env, is_cold, cold = m.envs.acquire(j.fn, now)
+            if cold:
+                j.cold = cold
+                j.rem += cold
+            if j.meas:
+                if is_cold:
+                    cold_meas[j.rank] += 1
+                    cold_paid[0] += cold
+                else:
+                    warm_meas[j.rank] += 1
         if mem_mode:
             m.jobs[j] = None
         if m.free:
@@ -188,6 +224,8 @@ def run(cfg: Config) -> Result:
 
     def footprint(j, now):
         done = j.runtime - (j.rem - (now - j.seg) if j.seg >= 0 else j.rem)
+        if j.cold:  # rem includes the cold start, which comes first and grows no memory
+            done = max(0.0, done)
         return init_mem + (j.mem - init_mem) * (done / j.runtime)
 
     next_sample = 0.0
@@ -244,9 +282,9 @@ def run(cfg: Config) -> Result:
     measured = res.measured
     while True:
         if nxt is not None and (not heap or nxt[0] <= heap[0][0]):
-            now, runtime, rank, mem = nxt
+            now, runtime, rank, mem, fn = nxt
             meas = lo_j <= jid and (jid < hi_j or hi_j < 0) and lo_t <= now < hi_t
-            j = SimJob(jid, rank, names[rank], now, runtime, mem, meas)
+            j = SimJob(jid, rank, names[rank], now, runtime, mem, meas, fn)
             if meas:
                 measured[rank] += 1
             jid += 1
@@ -280,6 +318,8 @@ def run(cfg: Config) -> Result:
             if mem_mode:
                 del m.jobs[j]
             j.seg = -1.0
+            if warm_mode:
+                m.envs.release(j.fn, j.env, now)
             if j.meas:
                 r = now - j.arrival
                 resp[j.rank].append(r)
@@ -291,6 +331,8 @@ def run(cfg: Config) -> Result:
                 start(nq[0], m, now)
             if use_idle:
                 dispatcher(m)
+        elif kind == KEEPALIVE:
+            j.deadline(tok[0], tok[1], now)
         elif kind == TICK:
             tick(now)
             if nxt is not None or any(m.njobs for m in machines):
@@ -319,5 +361,37 @@ def run(cfg: Config) -> Result:
             "first_swap_util": [m.first_swap_util for m in machines],
             "samples": samples,
         }
+    if warm_mode:
+        res.extra["warm"] = _warm_summary(
+            cfg, names, wstats, machines, cold_meas, warm_meas, cold_paid[0]
+        )
     res.wall_s = time.perf_counter() - t_wall
     return res
+
+
+def _warm_summary(cfg, names, st, machines, cold_meas, warm_meas, cold_paid) -> dict:
+    """Cold-start fraction and the latency it adds, over measured jobs placed on a machine."""
+    w = cfg.warm
+    n = sum(cold_meas) + sum(warm_meas)
+    per_class = {}
+    for i, c in enumerate(names):
+        k = cold_meas[i] + warm_meas[i]
+        per_class[c] = cold_meas[i] / k if k else math.nan
+    return {
+        "keep_alive_s": math.inf if w.keep_alive_s is None else w.keep_alive_s,
+        "max_idle_per_function": w.max_idle_per_function,
+        "cold_start_ms": w.cold_start_ms,
+        "cold_start_max_ms": w.cold_start_max_ms,
+        "measured_invocations": n,
+        "cold_invocations": sum(cold_meas),
+        "cold_fraction": sum(cold_meas) / n if n else math.nan,
+        "cold_fraction_per_class": per_class,
+        # Cold-start time itself, averaged over every measured invocation (warm ones add
+        # 0); the queueing it causes for others shows in the response percentiles.
+        "added_latency_mean_ms": 1000.0 * cold_paid / n if n else math.nan,
+        "all_invocations": {"warm": st.warm, "cold": st.cold},
+        "evicted": dict(st.evicted),
+        "idle_max_per_function": st.idle_max_per_function,
+        "idle_mb_max_per_machine": st.idle_bytes_max / MB,
+        "idle_envs_at_end": sum(m.envs.idle_count() for m in machines),
+    }
