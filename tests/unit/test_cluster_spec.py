@@ -14,6 +14,12 @@ from xxnode.cluster.spec import spec_error
         {"argv": ["/bin/sh", "-c", "echo hi"], "env": {"A_1": "x"}, "cwd": "/tmp", "timeout": 2},
         {"sleep": 0},
         {"spin": 0.5},
+        {"function": {"code": "/srv/fn", "runtime": "python3.11", "handler": "app.h"}},
+        {
+            "function": {"code": "/srv/fn.zip", "runtime": "provided"},
+            "env": {"A": "b"},
+            "timeout": 3,
+        },
     ],
 )
 def test_specs_a_node_can_run_pass(spec):
@@ -23,8 +29,8 @@ def test_specs_a_node_can_run_pass(spec):
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ({}, "spec.argv: a command is required"),
-        ({"argv": []}, "spec.argv: a command is required"),
+        ({}, "spec.argv: a command (or a function) is required"),
+        ({"argv": []}, "spec.argv: a command (or a function) is required"),
         ({"argv": [""]}, "spec.argv: the command is empty"),
         ({"argv": "ls -l"}, "spec.argv: Expected `array`, got `str`"),
         ({"argv": ["a\x00b"]}, "spec.argv[0]: must not contain a NUL byte"),
@@ -33,8 +39,25 @@ def test_specs_a_node_can_run_pass(spec):
         ({"argv": ["x"], "cwd": "tmp"}, "spec.cwd: must be an absolute path"),
         ({"argv": ["x"], "env": {"1A": "b"}}, "spec.env (a name): must be a variable name"),
         ({"argv": ["x"], "env": {"A": 1}}, "spec.env[...]: Expected `str`, got `int`"),
-        ({"argv": ["x"], "argz": 1}, "spec.argz: unknown field (known: argv, env, cwd"),
+        ({"argv": ["x"], "argz": 1}, "spec.argz: unknown field (known: argv, function, env, cwd"),
         (["true"], "spec: Expected `object`, got `array`"),
+        (
+            {"function": {"code": "fn", "runtime": "provided"}},
+            "spec.function.code: must be an absolute path",
+        ),
+        ({"function": {"code": "/fn"}}, "spec.function: Object missing required field `runtime`"),
+        (
+            {"function": {"code": "/fn", "runtime": "provided", "cmd": "x"}},
+            "spec.function.cmd: unknown field (known: code, runtime, handler",
+        ),
+        (
+            {"function": {"code": "/fn", "runtime": "provided"}, "argv": ["x"]},
+            "spec.function: an invocation takes no argv",
+        ),
+        (
+            {"function": {"code": "/fn", "runtime": "provided", "memory_mb": 1}},
+            "spec.function.memory_mb: Expected `int` >= 128",
+        ),
     ],
 )
 def test_a_bad_spec_is_refused_naming_its_field(spec, words):

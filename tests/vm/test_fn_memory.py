@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,10 +32,16 @@ def handler(event, context):
         DIGEST = hashlib.sha256(DATA).hexdigest()
     return {"intact": hashlib.sha256(DATA).hexdigest() == DIGEST, "mib": len(DATA) >> 20}
 """
-# the high job: builds its string, reads every byte back (tr counts them), says if intact
-HIGH = (
-    "$x = 'a' x ({mib} << 20); print((($x =~ tr/a//) == length($x)) ? qq(intact\\n) : qq(bad\\n))"
-)
+# the high job: fills its memory, holds it until the test has seen the node act, then reads
+# every byte back and says if it is intact
+HIGH = """
+import os, sys, time
+data = b"\\x01" * ({mib} << 20)
+open(sys.argv[1], "w").close()
+while not os.path.exists(sys.argv[2]):  # bounded by the job's timeout
+    time.sleep(0.05)
+print("intact" if data.count(1) == len(data) else "bad")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +75,33 @@ def test_idle_environments_swap_first_and_come_back_intact(node, tmp_path):
     states = {e["env"]: e["state"] for e in node.call({"op": "fn_envs"})["envs"]}
     assert all(states[e] == "frozen" for e in envs), states
 
-    # a high-class job that needs more than is free: something must go, and it must not be it
-    # perl's `'a' x N` peaks at ~2N (the string is built, then copied): ~80% of what is free
-    need = int(meminfo.meminfo()["MemAvailable"] * 0.40) // MiB
-    res = node.run("high", ["/usr/bin/perl", "-e", HIGH.format(mib=need)], timeout=600)
-    assert res["result"]["state"] == "succeeded", res["result"]
+    # a high-class job that takes what is free down to below the node's target (10 % of RAM)
+    # but above its low watermark (5 %): the node must reclaim, and only from the idle
+    avail = meminfo.meminfo()["MemAvailable"]
+    need = (avail - int(total * 0.075)) // MiB
+    gates = Path(tempfile.mkdtemp(prefix="xxgates-", dir="/run"))  # jobs run as nobody
+    os.chmod(gates, 0o777)
+    filled, release = gates / "filled", gates / "release"
+    out: dict = {}
+    argv = ["python3", "-c", HIGH.format(mib=need), str(filled), str(release)]
+    t = threading.Thread(target=lambda: out.update(node.run("high", argv, timeout=600)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the node's own counters say when it has acted: poll them
+            mem = node.call({"op": "memory"})["memory"]
+            if filled.exists() and mem["stats"]["reclaimed_by_class"].get("idle", 0) > 0:
+                break
+            assert time.monotonic() < deadline, ("no reclaim of idle environments", mem["stats"])
+            assert t.is_alive(), out  # it holds its memory until released
+            time.sleep(0.2)
+    finally:
+        release.touch()
+        t.join(600)
+        shutil.rmtree(gates, ignore_errors=True)
+    res = out
+    print(f"high job: {need} MiB of {avail // MiB} MiB available ({total // MiB} MiB RAM)")
+    assert res["result"]["state"] == "succeeded", (res["result"], res.get("stderr"))
     assert res["stdout"].strip() == "intact"
     assert res["result"].get("oom_kills", 0) in (0, None)
 

@@ -118,11 +118,13 @@ class ClusterClient:
         res = {k: v for k, v in msg.result.items() if k != "output"}
         try:
             size = int(ref["size"])
-            if not 0 < size <= wire.MAX_PAYLOAD:
+            if not 0 < size <= wire.MAX_OUTPUT:
                 raise ValueError(f"output size {size}")
-            blob = await self.ep.fetch(addr, bytes.fromhex(ref["digest"]), size)
+            blob = await self.ep.fetch(
+                addr, bytes.fromhex(ref["digest"]), size, limit=wire.MAX_OUTPUT
+            )
             streams = msgspec.msgpack.decode(blob, type=dict[str, str])
-            res.update({k: v for k, v in streams.items() if k in ("stdout", "stderr")})
+            res.update({k: v for k, v in streams.items() if k in wire.OUTPUT_FIELDS})
         except (KeyError, ValueError, TypeError, TimeoutError, wire.WireError,
                 msgspec.DecodeError) as e:  # fmt: skip
             res["error"] = f"output not retrieved from {msg.node}: {e}"

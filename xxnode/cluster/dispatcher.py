@@ -38,7 +38,6 @@ from xxnode.policy.dispatcher import idle_action as _idle_action
 from xxnode.wire import Addr, Message
 
 KEEP_JOBS = 100_000
-OUTPUT_FIELDS = ("stdout", "stderr")  # what a big DONE carries as a payload
 
 
 @dataclass(slots=True)
@@ -229,11 +228,11 @@ class Dispatcher(wire.Service):
             self.ledger.settled(m.job, all(acked))
 
     def _output_aside(self, result: dict) -> tuple[dict, bytes | None]:
-        streams = {k: result[k] for k in OUTPUT_FIELDS if isinstance(result.get(k), str)}
+        streams = {k: result[k] for k in wire.OUTPUT_FIELDS if isinstance(result.get(k), str)}
         if not streams:
             return result, None
         blob = msgspec.msgpack.encode(streams)
-        if len(blob) > wire.MAX_PAYLOAD:
+        if len(blob) > wire.MAX_OUTPUT:
             return result, None  # the executor should have cut it; reported without it
         dig = wire.digest(blob)
         self.ep.payloads[dig] = blob

@@ -3,8 +3,11 @@ the shard -- so a job no node could start is refused with its reason before it i
 placed and granted. The node checks again what only it can know (the command on its PATH,
 its max_timeout, its user): node/jobs.validate.
 
-    argv     the command and its arguments (required, unless a test executor's keys are)
-    env      extra environment: NAME -> value
+    argv     the command and its arguments (required, unless a function or a test
+             executor's keys are)
+    function instead of argv, an invocation: the function version to run (below); the job's
+             input is its event, its result the response, error, usage report and log
+    env      extra environment: NAME -> value (a function's: its environment variables)
     cwd      an absolute directory on the node
     timeout  wall-clock seconds, > 0
     sleep    SyntheticExecutor only (tests, benchmarks): hold a slot this long
@@ -23,10 +26,26 @@ EnvName = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[A-Za-z_][A-Za-
 AbsPath = Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^/[^\x00]*$")]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
 Held = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+Word = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=_NO_NUL)]
+
+
+class FunctionRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A function version as a node finds it: its code by path on the node (this issue; the
+    gateway's store serves it by digest later), how to run it, and whose it is. The node
+    checks the rest (the runtime, the handler, the zip) as `xxctl fn run` does."""
+
+    code: AbsPath
+    runtime: Word
+    handler: Word = "bootstrap"
+    name: Word | None = None
+    version: Word | None = None
+    tenant: Word | None = None
+    memory_mb: Annotated[int, msgspec.Meta(ge=128, le=10240)] | None = None
 
 
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     argv: Annotated[list[Arg], msgspec.Meta(max_length=4096)] = []
+    function: FunctionRef | None = None
     env: Annotated[dict[EnvName, Arg], msgspec.Meta(max_length=1024)] = {}
     cwd: AbsPath | None = None
     timeout: Seconds | None = None
@@ -40,8 +59,10 @@ def spec_error(spec: object) -> str | None:
         s = msgspec.convert(spec, JobSpec)
     except msgspec.ValidationError as e:
         return _words(str(e))
-    if not s.argv and s.sleep is None and s.spin is None:
-        return "spec.argv: a command is required"
+    if s.function is not None and (s.argv or s.cwd or s.sleep is not None or s.spin is not None):
+        return "spec.function: an invocation takes no argv, cwd, sleep or spin"
+    if s.function is None and not s.argv and s.sleep is None and s.spin is None:
+        return "spec.argv: a command (or a function) is required"
     if s.argv and not s.argv[0]:
         return "spec.argv: the command is empty"
     return None
@@ -62,7 +83,8 @@ def _words(msg: str) -> str:
         where = where.split("`")[-1] + " (a name)"
     if text.startswith("Object contains unknown field `"):
         name = text.split("`")[1]
-        known = ", ".join(JobSpec.__struct_fields__)
+        struct = FunctionRef if where.startswith("spec.function") else JobSpec
+        known = ", ".join(struct.__struct_fields__)
         return f"{where}.{name}: unknown field (known: {known})"
     for pattern, words in _PATTERNS.items():
         if pattern.encode("unicode_escape").decode() in text or pattern in text:

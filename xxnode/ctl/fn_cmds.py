@@ -2,17 +2,23 @@
 
 `fn run` runs one invocation in a warm environment of the same code and configuration (a new
 one the first time) and prints the handler's response; the REPORT line goes to stderr. Exit
-0 on a response, 1 on a function error (its errorType and errorMessage on stderr).
+0 on a response, 1 on a function error (its errorType and errorMessage on stderr), 2 when it
+could not be run. With --cluster it goes through the shards instead (--shard / $XX_SHARDS,
+--key-file as `xxctl submit`): a shard places it on a node of the class's choosing, which
+finds the code at the same path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sys
 import time
 from pathlib import Path
 
+from xxnode.cluster.client import SubmitError
+from xxnode.ctl.cluster_cmds import _client, _Usage
 from xxnode.ctl.node_cmds import _emit_json, _guard, _mib, _Refused
 from xxnode.node.client import Client
 
@@ -43,6 +49,13 @@ def register(sub) -> None:
     )
     p.add_argument("--name", help="function name (default: the code's file or directory name)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable")
+    p.add_argument(
+        "--cluster", action="store_true", help="through the shards: a node they choose runs it"
+    )
+    p.add_argument(
+        "--shard", metavar="HOST:PORT[,...]", help="with --cluster (default: $XX_SHARDS)"
+    )
+    p.add_argument("--key-file", metavar="FILE", help="with --cluster: the cluster key file")
     add("envs", "the execution environments on this node", cmd_envs)
     p = add("logs", "an invocation's log, or a function's latest invocations", cmd_logs)
     p.add_argument("ref", metavar="REQUEST_ID|FUNCTION")
@@ -77,8 +90,11 @@ def cmd_run(args) -> int:
     }  # fmt: skip
     if args.name:
         req["name"] = args.name
-    with Client(args.socket, timeout=None) as c:
-        res = c.call(req)["result"]
+    if args.cluster:
+        res = asyncio.run(_through_cluster(args, req))
+    else:
+        with Client(args.socket, timeout=None) as c:
+            res = c.call(req)["result"]
     if args.json:
         _emit_json({k: res[k] for k in ("response", "error", "report")})
     else:
@@ -90,6 +106,26 @@ def cmd_run(args) -> int:
             print(f"{e['errorType']}: {e['errorMessage']}", file=sys.stderr)
         print(_report_line(res["report"]), file=sys.stderr)
     return 0 if res["error"] is None else 1
+
+
+async def _through_cluster(args, req: dict) -> dict:
+    """The invocation as a cluster job: a function reference, the event as its input."""
+    fn = {k: req[k] for k in ("code", "runtime", "handler")}
+    if "name" in req:
+        fn["name"] = req["name"]
+    spec = {"function": fn, "timeout": req["timeout"], "env": req["env"]}
+    try:
+        async with _client(args) as c:
+            res = await c.run(req["class"], spec, base64.b64decode(req["payload"]))
+    except (_Usage, SubmitError, ValueError, OSError) as e:
+        raise _Refused(str(e)) from None
+    if "report" not in res:  # never reached an environment: refused, or its node was lost
+        raise _Refused(f"not run: {res.get('error') or res}")
+    try:
+        response = json.loads(res["response"])
+    except (TypeError, ValueError):
+        raise _Refused(f"{res.get('node')}: the response did not arrive whole") from None
+    return {**res, "response": response}
 
 
 def _report_line(r: dict) -> str:

@@ -10,18 +10,24 @@ survives a restart of the node (records in xxnode/journal.py):
 
   placed       fsync'd before the shard hears ACCEPT: the PLACE and the shard that sent it
   accepted     the local job, with cluster = {job, arbiter, shard}, once the arbiter granted it
+  invoked      a function invocation began (not fsync'd: it guards against a rerun after the
+               daemon's kill -9, whose writes the page cache keeps)
   done_acked   every receiver acknowledged the job's DONE: nothing more is owed
   done_abandoned  no receiver answered for the dispatcher's whole delivery horizon
 
 On restart, each placement without done_acked/done_abandoned goes back to the dispatcher: with
 no local job yet it runs from the claim on (the arbiter grants the same node again); with one
 it waits for that job (adopted or re-queued by recovery) or takes its journaled result, and
-sends DONE with it. Either way the job ran once.
+sends DONE with it. Either way the job ran once. A function invocation (spec.function) runs
+in the warm pool, not as a job: one that a restart interrupted is reported failed, never run
+twice — the environments of the earlier run are gone, and a caller waiting on it retries as
+Lambda's callers do.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from collections import OrderedDict
@@ -32,6 +38,7 @@ from xxnode import wire
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
 from xxnode.node.crash import crash_point
+from xxnode.node.env.local import RequestError, function_of
 from xxnode.node.jobs import SpecError
 from xxnode.node.recovery import Placement
 
@@ -117,6 +124,8 @@ class NodeExecutor:
 
     async def run(self, job: ClusterJob) -> dict:
         p = self.placements.get(job.id.hex())
+        if "function" in job.spec:
+            return await self._invoke(job, p)
         if p is not None and p.result is not None:  # finished before a restart
             return self._reported(p.local, p.result)
         if p is not None and p.local is not None:  # adopted or re-queued by recovery
@@ -140,6 +149,41 @@ class NodeExecutor:
             p.local = local.id
         _keep(self.local_of, job.id.hex(), local.id)
         return self._reported(local.id, await self.node.wait(local.id))
+
+    async def _invoke(self, job: ClusterJob, p: Placement | None) -> dict:
+        """A placed invocation, run as `xxctl fn run` runs one: the job's input is the event.
+        The response rides as JSON text (a DONE too big for a datagram carries it by
+        digest), beside the error, the usage report and the log."""
+        hexid = job.id.hex()
+        if p is not None and p.invoked:
+            return {"status": wire.FAILED_START,
+                    "error": "the node restarted during the invocation; it was not run again"}  # fmt: skip
+        pool = self.node.functions
+        if pool is None:
+            return {
+                "status": wire.FAILED_START,
+                "error": "functions are not available on this node",
+            }
+        req = {**job.spec["function"], "class": job.cls, "env": job.spec.get("env") or {}}
+        if "timeout" in job.spec:
+            req["timeout"] = job.spec["timeout"]
+        try:
+            fn = function_of(pool, req)
+        except RequestError as e:
+            _keep(self.refusals, hexid, str(e))
+            return {"status": wire.FAILED_START, "error": f"function refused: {e}"}
+        if p is not None:
+            p.invoked = True
+            self.node.journal.append({"ev": "invoked", "job": hexid, "t": time.time()})
+        res = await pool.invoke(fn, job.payload or b"{}", job.cls)
+        return {
+            "status": 0 if res["error"] is None else 1,
+            "response": json.dumps(res["response"]),
+            "content_type": res["content_type"],
+            "error": res["error"],
+            "report": res["report"],
+            "log": res["log"],
+        }
 
     # -- `xxctl job` / `xxctl cancel`, through the job's shard ----------------------------
     def describe(self, job: bytes) -> dict:

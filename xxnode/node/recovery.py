@@ -30,6 +30,7 @@ class Placement:
     shard: str  # host:port of the shard that placed it
     local: str | None = None  # our job id, once the arbiter granted it and we admitted it
     result: dict | None = None  # our job's result, once it finished
+    invoked: bool = False  # a function invocation that began (not re-run after a restart)
 
 
 @dataclass
@@ -51,6 +52,10 @@ def recover(node) -> Recovered:
             continue
         if ev in ("done_acked", "done_abandoned"):
             out.placements.pop(jid, None)
+            continue
+        if ev == "invoked":
+            if (p := out.placements.get(jid)) is not None:
+                p.invoked = True
             continue
         node.bump_id(jid)
         if ev == "accepted":

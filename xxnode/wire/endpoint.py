@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from xxnode.wire.codec import BATCH_MAX, HEADER, MAC_LEN, Codec, WireError, frame
-from xxnode.wire.messages import Ack, Error, Fetch, Frag, Message
+from xxnode.wire.messages import MAX_PAYLOAD, Ack, Error, Fetch, Frag, Message
 from xxnode.wire.replies import _MISSING, ReplyCache
 from xxnode.wire.transfer import Reassembly, frag_message, fragment_count
 
@@ -365,11 +365,17 @@ class Endpoint:
         entry[1].set()
 
     async def fetch(
-        self, addr: Addr, dig: bytes, size: int, timeout: float = 30.0, window: int = 64
+        self,
+        addr: Addr,
+        dig: bytes,
+        size: int,
+        timeout: float = 30.0,
+        window: int = 64,
+        limit: int = MAX_PAYLOAD,
     ) -> bytes:
         """Pull a payload of ``size`` bytes by digest from ``addr``: ask for up to
         ``window`` missing fragments, re-ask for what is still missing after a quiet rto."""
-        r = Reassembly(dig, size)
+        r = Reassembly(dig, size, limit=limit)
         ev = asyncio.Event()
         self._fetches[dig] = (r, ev)
         deadline = self.loop.time() + timeout

@@ -9,6 +9,10 @@ import msgspec
 
 INLINE_MAX = 1024  # payloads up to this ride inside SUBMIT/PLACE
 MAX_PAYLOAD = 6 * 1024 * 1024  # a job's input, as AWS Lambda allows
+# A result's output pulled by digest: a 6 MiB function response beside its log (1 MiB by
+# default), or both streams of a command
+MAX_OUTPUT = MAX_PAYLOAD + 2 * 1024 * 1024
+OUTPUT_FIELDS = ("stdout", "stderr", "response", "log")  # what a big DONE carries aside
 
 # --- messages ---------------------------------------------------------------------------
 # Field types carry their bounds, so a decoded message is already validated: a job id is

@@ -23,9 +23,9 @@ class Reassembly:
     """Receiver side of a pulled transfer: fragments in any order, duplicates ignored,
     the result verified against the digest the job was announced with."""
 
-    def __init__(self, dig: bytes, size: int, chunk: int = CHUNK) -> None:
-        if size > MAX_PAYLOAD:
-            raise Oversized(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
+    def __init__(self, dig: bytes, size: int, chunk: int = CHUNK, limit: int = MAX_PAYLOAD):
+        if size > limit:
+            raise Oversized(f"payload of {size} bytes exceeds {limit}")
         self.digest = dig
         self.size = size
         self.chunk = chunk
