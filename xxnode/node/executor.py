@@ -168,7 +168,7 @@ class NodeExecutor:
         if "timeout" in job.spec:
             req["timeout"] = job.spec["timeout"]
         try:
-            fn = function_of(pool, req)
+            fn = await function_of(pool, req)
         except RequestError as e:
             _keep(self.refusals, hexid, str(e))
             return {"status": wire.FAILED_START, "error": f"function refused: {e}"}

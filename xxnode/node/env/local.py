@@ -3,6 +3,7 @@ once on this node's warm pool. Every refusal is one line naming the field."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from pathlib import Path
@@ -18,7 +19,9 @@ class RequestError(ValueError):
     pass
 
 
-def function_of(pool: Pool, req: dict) -> FunctionVersion:
+async def function_of(pool: Pool, req: dict) -> FunctionVersion:
+    """The function version a request names; its code is zipped, hashed and (the first
+    time) unpacked in a worker thread: up to 250 MiB must not stall the node's loop."""
     code = req.get("code")
     if not isinstance(code, str) or not code:
         raise RequestError("code: a directory or a .zip file on the node")
@@ -26,7 +29,7 @@ def function_of(pool: Pool, req: dict) -> FunctionVersion:
     if not path.exists():
         raise RequestError(f"code: no such file or directory {code}")
     try:
-        digest = pool.register_code(path)
+        digest = await asyncio.to_thread(pool.register_code, path)
     except CodeError as e:
         raise RequestError(f"code: {e}") from None
     env = req.get("env") or {}
@@ -67,7 +70,7 @@ async def fn_run(pool: Pool | None, req: dict) -> dict:
     if pool is None:
         return {"ok": False, "error": "functions are not available on this node (see xxctl status)"}
     try:
-        fn = function_of(pool, req)
+        fn = await function_of(pool, req)
         payload = payload_of(req, pool.cfg.response_limit)
     except RequestError as e:
         return {"ok": False, "error": str(e)}
