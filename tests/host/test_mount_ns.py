@@ -117,6 +117,45 @@ def test_tmpfs_is_seen_by_the_child_only(tmp_path):
     no_host_mounts_under(tmp_path)
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_tmpfs_keeps_what_it_is_told_to_keep_read_only(tmp_path, readonly):
+    """A checkout (and its venv) under /tmp must survive the environment's fresh /tmp."""
+    top = tmp_path / "top"
+    kept = top / "checkout" / "venv"
+    kept.mkdir(parents=True)
+    (kept / "python").write_text("interpreter")
+    (top / "checkout" / "secret").write_text("not kept")
+    (top / "other").write_text("not kept")
+
+    def child():
+        mount_ns.unshare_mounts()
+        mount_ns.tmpfs(top, size_bytes=MiB, readonly=readonly, keep=(str(kept),))
+        seen = {
+            "top": sorted(os.listdir(top)),
+            "checkout": sorted(os.listdir(top / "checkout")),
+            "python": (kept / "python").read_text(),
+            "write_kept": _errno(lambda: (kept / "x").write_text("x")),
+            "write_top": _errno(lambda: (top / "new").write_text("x")),
+        }
+        return seen
+
+    got = in_child(child)
+    assert got["top"] == ["checkout"] and got["checkout"] == ["venv"]
+    assert got["python"] == "interpreter"
+    assert got["write_kept"] == errno.EROFS
+    assert got["write_top"] == (errno.EROFS if readonly else 0)
+    assert not (kept / "x").exists() and (top / "other").exists()  # the host's tree untouched
+    no_host_mounts_under(tmp_path)
+
+
+def _errno(fn) -> int:
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+
+
 def test_private_stops_propagation_back(tmp_path):
     """Where the parent's mount is shared (systemd makes "/" shared), a bare unshare would
     leave the child's copy in the same peer group: its mounts would appear in the parent.

@@ -119,14 +119,29 @@ def tmpfs(
     mode: int = 0o1777,
     readonly: bool = False,
     nr_inodes: int | None = None,
+    keep: tuple[str, ...] = (),
 ) -> None:
     """A fresh nosuid,nodev tmpfs; its pages are charged to the memory cgroup of whoever
-    writes them, so the size bounds a sandbox's scratch space, not the host's."""
-    opts = f"size={size_bytes},mode={mode:o}"
-    if nr_inodes is not None:
-        opts += f",nr_inodes={nr_inodes}"
-    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
-    _mount("tmpfs", dst, "tmpfs", flags, opts)
+    writes them, so the size bounds a sandbox's scratch space, not the host's.
+
+    `keep`: directories below `dst` that must stay visible through it, read-only (the
+    interpreter of a checkout under /tmp, say). Each is opened before the tmpfs hides it,
+    then bound back from that fd (/proc/self/fd/N) onto a directory made in the tmpfs."""
+    fds = [os.open(k, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for k in keep]
+    try:
+        opts = f"size={size_bytes},mode={mode:o}"
+        if nr_inodes is not None:
+            opts += f",nr_inodes={nr_inodes}"
+        flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly and not keep else 0)
+        _mount("tmpfs", dst, "tmpfs", flags, opts)
+        for path, fd in zip(keep, fds, strict=True):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            bind(f"/proc/self/fd/{fd}", path, readonly=True, recursive=True)
+        if readonly and keep:
+            _mount(None, dst, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, opts)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def make_tree_readonly(path="/") -> None:

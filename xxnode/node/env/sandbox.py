@@ -13,12 +13,16 @@ The mount namespace a function sees:
     /dev/shm, /var/tmp   empty, read-only (Lambda has no shared memory either)
     hidden       the node's state dir (journal, jobs, code of every tenant) and its socket
                  directory: empty read-only tmpfs over each
+    kept         the runtime's own directories (the interpreter, its packages, this
+                 checkout) where a fresh tmpfs would hide them, e.g. a checkout in /tmp:
+                 bound back read-only
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import sys
 from dataclasses import dataclass
 
 from xxnode.kernel import mount_ns
@@ -60,10 +64,11 @@ def enter(p: Plan) -> None:
         # (#!/bin/sh, `source`, `set -o pipefail`) depends on it
         _step("/bin/sh", mount_ns.bind, BASH, SH, readonly=True)
     _step("read-only root", mount_ns.make_tree_readonly, "/")
-    _step("/tmp", mount_ns.tmpfs, "/tmp", size_bytes=p.tmp_size)
+    runtime = runtime_dirs()
+    _step("/tmp", mount_ns.tmpfs, "/tmp", size_bytes=p.tmp_size, keep=_below("/tmp", runtime))
     for d in EMPTY_DIRS:
         if os.path.isdir(d):
-            _step(d, mount_ns.tmpfs, d, size_bytes=4096, readonly=True)
+            _step(d, mount_ns.tmpfs, d, size_bytes=4096, readonly=True, keep=_below(d, runtime))
     for d in p.hide:
         if os.path.isdir(d):
             _step(f"hiding {d}", mount_ns.tmpfs, d, size_bytes=4096, mode=0o555, readonly=True)
@@ -74,6 +79,25 @@ def enter(p: Plan) -> None:
     _step("setgroups", os.setgroups, [])
     _step("setgid", os.setresgid, p.gid, p.gid, p.gid)
     _step("setuid", os.setresuid, p.uid, p.uid, p.uid)
+
+
+def runtime_dirs() -> tuple[str, ...]:
+    """Where this interpreter and its packages live: what an environment needs to run
+    python and awslambdaric, wherever they were installed."""
+    import xxnode
+
+    found = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(xxnode.__file__))}
+    found.update(p for p in sys.path if p)
+    return tuple(sorted({os.path.realpath(p) for p in found if os.path.isdir(p)}))
+
+
+def _below(top: str, dirs: tuple[str, ...]) -> tuple[str, ...]:
+    """The outermost of `dirs` under `top` (sorted: a parent comes before what it holds)."""
+    outer: list[str] = []
+    for d in sorted(d for d in dirs if d.startswith(top + "/")):
+        if not any(d.startswith(q + "/") for q in outer):
+            outer.append(d)
+    return tuple(outer)
 
 
 def _step(what: str, fn, *args, **kw) -> None:
