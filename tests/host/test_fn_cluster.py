@@ -4,18 +4,26 @@ event's digest instead of an argv — and the node runs it in its warm pool exac
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import http.server
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from tests.support.harness import Daemon
+from xxnode import wire
+from xxnode.cluster import code
+from xxnode.cluster.client import ClusterClient
 
 XXCTL = str(Path(sys.executable).with_name("xxctl"))
 
@@ -161,3 +169,86 @@ def test_an_invocation_cut_by_a_node_restart_is_reported_failed_and_not_run_agai
     assert "restarted during the invocation" in err, err
     assert node.call({"op": "status"})["status"]["functions"]["invocations"] == 0  # not rerun
     assert not [e for e in node.call({"op": "fn_envs"})["envs"] if e["function"] == "slow"]
+
+
+class _Store:
+    """The code store's side of cluster/code.py, served from this test: what it was asked
+    for, with which token. (The gateway's store speaks the same: GET /xx/code/DIGEST.)"""
+
+    def __init__(self, key: bytes, blobs: dict[str, bytes]):
+        self.key, self.blobs, self.asked = key, blobs, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                digest = self.path.removeprefix(code.PATH)
+                outer.asked.append(digest)
+                if not code.token_ok(outer.key, digest, self.headers.get(code.HEADER)):
+                    self.send_error(403)
+                elif digest not in outer.blobs:
+                    self.send_error(404)
+                else:
+                    body = outer.blobs[digest]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def _zip(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, textwrap.dedent(text))
+    return buf.getvalue()
+
+
+async def _invoke_by_digest(addr, kf, fn: dict, n: int = 1) -> list[dict]:
+    async with ClusterClient([wire.parse_addr(addr)], wire.load_key(kf)) as c:
+        spec = {"function": fn, "timeout": 30}
+        return await asyncio.gather(*(c.run("low", spec, b"{}", timeout=120) for _ in range(n)))
+
+
+def test_code_by_digest_is_pulled_once_from_the_store_and_checked(cluster):
+    node, addr, kf, _ = cluster
+    key = wire.load_key(kf)
+    good = _zip({"app.py": "def handler(e, c):\n    return 'from the store'\n"})
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    liar = "sha256:" + hashlib.sha256(b"what it claims").hexdigest()
+    store = _Store(key, {digest: good, liar: good})
+    try:
+        fn = {"digest": digest, "code_url": store.url, "runtime": "python3.11",
+              "handler": "app.handler", "name": "stored"}  # fmt: skip
+        results = asyncio.run(_invoke_by_digest(addr, kf, fn, n=3))
+        for r in results:
+            assert r["status"] == 0, r
+            assert json.loads(r["response"]) == "from the store"
+        assert store.asked == [digest]  # three invocations at once, one pull
+        # the node now has it: no more pulls
+        asyncio.run(_invoke_by_digest(addr, kf, fn))
+        assert store.asked == [digest]
+        # a store whose bytes do not match the digest is refused, and nothing runs
+        (bad,) = asyncio.run(_invoke_by_digest(addr, kf, {**fn, "digest": liar}))
+        assert bad["status"] == wire.FAILED_START and "do not match the digest" in bad["error"]
+        # code the store does not have: its answer, named
+        missing = "sha256:" + "0" * 64
+        (gone,) = asyncio.run(_invoke_by_digest(addr, kf, {**fn, "digest": missing}))
+        assert "HTTP 404" in gone["error"], gone
+        # and without the cluster key, nothing comes from the store
+        with pytest.raises(code.FetchError, match="HTTP 403"):
+            code.fetch(store.url, digest, b"not the cluster key", 1 << 20)
+    finally:
+        store.close()

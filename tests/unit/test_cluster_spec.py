@@ -20,6 +20,15 @@ from xxnode.cluster.spec import spec_error
             "env": {"A": "b"},
             "timeout": 3,
         },
+        {
+            "function": {
+                "digest": "sha256:" + "a" * 64,
+                "code_url": "http://127.0.0.1:9000",
+                "runtime": "python3.12",
+                "handler": "app.h",
+                "tenant": "t1",
+            }
+        },
     ],
 )
 def test_specs_a_node_can_run_pass(spec):
@@ -45,10 +54,27 @@ def test_specs_a_node_can_run_pass(spec):
             {"function": {"code": "fn", "runtime": "provided"}},
             "spec.function.code: must be an absolute path",
         ),
-        ({"function": {"code": "/fn"}}, "spec.function: Object missing required field `runtime`"),
+        ({"function": {"code": "/fn"}}, "spec.function.runtime: required"),
+        ({"function": {"runtime": "provided"}}, "spec.function: give its code by path or by"),
+        (
+            {"function": {"code": "/fn", "digest": "sha256:" + "0" * 64, "runtime": "provided"}},
+            "spec.function: give its code by path or by digest",
+        ),
+        (
+            {"function": {"digest": "sha256:" + "0" * 64, "runtime": "provided"}},
+            "spec.function.code_url: code by digest needs the store",
+        ),
+        (
+            {"function": {"digest": "md5:0", "runtime": "provided", "code_url": "http://g"}},
+            "spec.function.digest: must be sha256:<64 hex digits>",
+        ),
+        (
+            {"function": {"digest": "sha256:" + "0" * 64, "runtime": "provided", "code_url": "g"}},
+            "spec.function.code_url: must be an http(s) URL",
+        ),
         (
             {"function": {"code": "/fn", "runtime": "provided", "cmd": "x"}},
-            "spec.function.cmd: unknown field (known: code, runtime, handler",
+            "spec.function.cmd: unknown field (known: code, digest, code_url, runtime",
         ),
         (
             {"function": {"code": "/fn", "runtime": "provided"}, "argv": ["x"]},

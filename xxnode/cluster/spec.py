@@ -30,12 +30,15 @@ Word = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=_NO_NUL
 
 
 class FunctionRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """A function version as a node finds it: its code by path on the node (this issue; the
-    gateway's store serves it by digest later), how to run it, and whose it is. The node
-    checks the rest (the runtime, the handler, the zip) as `xxctl fn run` does."""
+    """A function version as a node finds it: its code, either by path on the node or by
+    digest from the cluster's code store at ``code_url`` (cluster/code.py); how to run it;
+    and whose it is. The node checks the rest (the runtime, the handler, the zip) as
+    `xxctl fn run` does."""
 
-    code: AbsPath
-    runtime: Word
+    code: AbsPath | None = None
+    digest: Annotated[str, msgspec.Meta(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
+    code_url: Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://\S+$")] | None = None
+    runtime: Word = ""
     handler: Word = "bootstrap"
     name: Word | None = None
     version: Word | None = None
@@ -61,6 +64,13 @@ def spec_error(spec: object) -> str | None:
         return _words(str(e))
     if s.function is not None and (s.argv or s.cwd or s.sleep is not None or s.spin is not None):
         return "spec.function: an invocation takes no argv, cwd, sleep or spin"
+    if (f := s.function) is not None:
+        if (f.code is None) == (f.digest is None):
+            return "spec.function: give its code by path or by digest, one of the two"
+        if f.digest is not None and f.code_url is None:
+            return "spec.function.code_url: code by digest needs the store to fetch it from"
+        if not f.runtime:
+            return "spec.function.runtime: required"
     if s.function is None and not s.argv and s.sleep is None and s.spin is None:
         return "spec.argv: a command (or a function) is required"
     if s.argv and not s.argv[0]:
@@ -72,6 +82,8 @@ _PATTERNS = {  # msgspec names a failed pattern by its regex; say what it means
     _NO_NUL: "must not contain a NUL byte",
     r"^[A-Za-z_][A-Za-z0-9_]*$": "must be a variable name ([A-Za-z_][A-Za-z0-9_]*)",
     r"^/[^\x00]*$": "must be an absolute path",
+    r"^sha256:[0-9a-f]{64}$": "must be sha256:<64 hex digits>",
+    r"^https?://\S+$": "must be an http(s) URL",
 }
 
 

@@ -26,6 +26,7 @@ Lambda's callers do.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -35,6 +36,7 @@ from collections import OrderedDict
 import msgspec
 
 from xxnode import wire
+from xxnode.cluster import code
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
 from xxnode.node.crash import crash_point
@@ -65,8 +67,12 @@ class NodeExecutor:
     """Runs placed jobs on this node (the Executor the dispatcher drives) and keeps the
     dispatcher's ledger in the node's journal."""
 
-    def __init__(self, node, placements: dict[str, Placement] | None = None) -> None:
+    def __init__(
+        self, node, placements: dict[str, Placement] | None = None, key: bytes = b""
+    ) -> None:
         self.node = node
+        self.key = key  # the cluster key: proves this node to the code store
+        self._fetching: dict[str, asyncio.Future] = {}  # digest -> its one pull in flight
         self.total_bytes = node.memory.sample().total
         self.placements = dict(placements or {})  # cluster job hex -> unsettled placement
         # cluster job hex -> our job id, for `xxctl job` / `cancel` (bounded; a restart
@@ -167,8 +173,9 @@ class NodeExecutor:
         req = {**job.spec["function"], "class": job.cls, "env": job.spec.get("env") or {}}
         if "timeout" in job.spec:
             req["timeout"] = job.spec["timeout"]
+        url = req.pop("code_url", None)
         try:
-            fn = await function_of(pool, req)
+            fn = await function_of(pool, req, lambda d: self._fetch(url, d))
         except RequestError as e:
             _keep(self.refusals, hexid, str(e))
             return {"status": wire.FAILED_START, "error": f"function refused: {e}"}
@@ -184,6 +191,16 @@ class NodeExecutor:
             "report": res["report"],
             "log": res["log"],
         }
+
+    async def _fetch(self, url: str, digest: str) -> bytes:
+        """One pull per digest however many invocations want it at once."""
+        fut = self._fetching.get(digest)
+        if fut is None:
+            limit = self.node.functions.cfg.max_code_zipped
+            fut = asyncio.ensure_future(asyncio.to_thread(code.fetch, url, digest, self.key, limit))
+            self._fetching[digest] = fut
+            fut.add_done_callback(lambda _: self._fetching.pop(digest, None))
+        return await asyncio.shield(fut)
 
     # -- `xxctl job` / `xxctl cancel`, through the job's shard ----------------------------
     def describe(self, job: bytes) -> dict:
@@ -259,7 +276,7 @@ class NodeExecutor:
 async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> Dispatcher:
     key = wire.load_key(cfg.key_file)
     node_id = cfg.node_id or f"{os.uname().nodename}-{node.host.root.path.name}"
-    ex = NodeExecutor(node, placements)
+    ex = NodeExecutor(node, placements, key)
     d = Dispatcher(node_id, [wire.parse_addr(s) for s in cfg.shards], ex, ledger=ex)
     try:
         await d.start(wire.parse_addr(cfg.listen), wire.Codec(key))
