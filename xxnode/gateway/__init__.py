@@ -1,0 +1,1 @@
+"""xxgate: the HTTP front door"""
