@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from xxnode import classes
-from xxnode.config import cluster, functions, memory, node, shard
+from xxnode.config import cluster, functions, gateway, memory, node, shard
 from xxnode.schema import Key
 
 HEAD = """\
@@ -52,6 +52,19 @@ FILES = (
                 "[[class]]",
                 (),
                 "Optional; the same tables as the node's. Default: the built-in classes.",
+            ),
+        ),
+    ),
+    (
+        "xxgate",
+        "`xxgate --config FILE`; `--listen`, `--store`, `--shards`, `--key-file` and "
+        "`--public-url` override the file, and `$XX_CLUSTER_KEY_FILE` supplies a key.",
+        (
+            ("[gateway]", gateway.KEYS, "The front door (docs/gateway.md)."),
+            (
+                "[[class]]",
+                (),
+                "Optional: the classes `xx:class` may name. Default: the built-in classes.",
             ),
         ),
     ),

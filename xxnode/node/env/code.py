@@ -335,6 +335,28 @@ def _zip_dir(top: Path, max_zipped: int, max_unpacked: int) -> bytes:
 # --- the store -----------------------------------------------------------------------
 
 
+def check_zip(data: bytes, max_zipped: int = MAX_ZIPPED, max_unpacked: int = MAX_UNPACKED) -> None:
+    """Every check a node makes before it unpacks, without writing a byte: what a gateway
+    runs on CreateFunction so that bad code is refused there, where the user is. Blocking
+    (it decompresses everything to count it): call it from a worker thread."""
+    if len(data) > max_zipped:
+        raise CodeError(
+            f"code is {_size(len(data))} zipped, more than the {_size(max_zipped)} limit"
+        )
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except _ZIP_ERRORS as e:
+        raise CodeError(f"code is not a zip file: {e}") from None
+    with zf:
+        entries = _entries(zf)
+        budget = _Budget(max_unpacked)
+        _read_links(zf, entries, budget)
+        for e in entries:
+            if e.kind == "file":
+                for _ in _chunks(zf, e, budget):
+                    pass
+
+
 class CodeStore:
     """One per root, made before any put: construction clears what a crash left."""
 

@@ -1,0 +1,318 @@
+"""xxctl tenant create | list | set, and xxctl up — the gateway's side of xxctl.
+
+`tenant` commands act on the gateway's store: --store URL, else $XX_STORE, else the store
+of `xxctl up`'s state dir (/var/lib/xx/up). `tenant create` prints an access key id and
+its secret once; they are never shown again.
+
+`xxctl up` runs a whole XX on this machine, in the foreground: an xxshard, the local xxnode
+(joined to it) and an xxgate in front, with embedded defaults — SQLite in the state dir, a
+generated cluster key, the built-in classes and a tenant `default`. It prints
+`endpoint: http://127.0.0.1:PORT` and `credentials: PATH` (an AWS shared-credentials file,
+profile `default`, of that tenant). Ctrl-C or SIGTERM stops everything; no process stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from xxnode.config.defaults import builtin_classes
+from xxnode.ledger.store import Conflict, LedgerError, NotFound, open_store
+
+UP_DIR = Path("/var/lib/xx/up")
+DEFAULT_TENANT = "default"
+
+
+class _Usage(Exception):
+    """One line on stderr, exit 2."""
+
+
+def register(sub) -> None:
+    t = sub.add_parser("tenant", help="tenants of the gateway and their access keys")
+    tsub = t.add_subparsers(dest="tenant_command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, func):
+        p = tsub.add_parser(name, help=help)
+        p.add_argument("--store", metavar="URL", help="sqlite:///PATH or postgresql://...")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=lambda args: _guard(func, args), command=f"tenant {name}")
+        return p
+
+    p = add("create", "a tenant and its first access key (the secret is shown once)", cmd_create)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--default-class", metavar="C", help="class of its untagged functions")
+    add("list", "the tenants", cmd_list)
+    p = add("set", "change a tenant", cmd_set)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--default-class", metavar="C")
+    p = add("key", "a new access key for a tenant (the secret is shown once)", cmd_key)
+    p.add_argument("name", metavar="NAME")
+
+    u = sub.add_parser("up", help="a whole XX on this machine: gateway, shard, node")
+    u.add_argument("--state-dir", type=Path, default=UP_DIR, help=f"default {UP_DIR}")
+    u.add_argument("--port", type=int, default=0, help="the gateway's port (default: any free)")
+    u.set_defaults(func=lambda args: _guard(cmd_up, args), command="up")
+
+
+def _guard(func, args) -> int:
+    try:
+        return func(args)
+    except (_Usage, LedgerError, ValueError, OSError) as e:
+        print(f"xxctl {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _store(args):
+    url = args.store or os.environ.get("XX_STORE") or f"sqlite:///{UP_DIR / 'gateway.db'}"
+    return open_store(url)
+
+
+def _class_ok(cls: str | None) -> str:
+    classes = builtin_classes()
+    if cls is None:
+        return min(classes, key=lambda c: c.price).name
+    if classes.get(cls) is None:
+        raise _Usage(f"--default-class: no class {cls!r} (have {', '.join(classes.names())})")
+    return cls
+
+
+def cmd_create(args) -> int:
+    cls = _class_ok(args.default_class)
+    with _store(args) as s:
+        try:
+            t = s.create_tenant(args.name, cls)
+        except Conflict:
+            raise _Usage(
+                f"tenant {args.name!r} exists (xxctl tenant key {args.name} adds a key)"
+            ) from None
+        k = s.create_key(t.name)
+    _print_key(args, t.name, t.default_class, k)
+    return 0
+
+
+def cmd_key(args) -> int:
+    with _store(args) as s:
+        try:
+            t = s.get_tenant(args.name)
+        except NotFound:
+            raise _Usage(f"no tenant {args.name!r}") from None
+        k = s.create_key(t.name)
+    _print_key(args, t.name, t.default_class, k)
+    return 0
+
+
+def _print_key(args, tenant: str, cls: str, k) -> None:
+    out = {"tenant": tenant, "default_class": cls, "access_key_id": k.access_key_id,
+           "secret_access_key": k.secret}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"tenant {tenant} (default class {cls})")
+        print(f"aws_access_key_id = {k.access_key_id}")
+        print(f"aws_secret_access_key = {k.secret}")
+        print("(the secret is not shown again)", file=sys.stderr)
+
+
+def cmd_list(args) -> int:
+    with _store(args) as s:
+        ts = s.list_tenants()
+    if args.json:
+        print(
+            json.dumps([{"tenant": t.name, "default_class": t.default_class} for t in ts], indent=2)
+        )
+    else:
+        for t in ts:
+            print(f"{t.name:<24} {t.default_class}")
+    return 0
+
+
+def cmd_set(args) -> int:
+    with _store(args) as s:
+        try:
+            t = s.set_tenant(
+                args.name,
+                default_class=_class_ok(args.default_class) if args.default_class else None,
+            )
+        except NotFound:
+            raise _Usage(f"no tenant {args.name!r}") from None
+    print(
+        json.dumps({"tenant": t.name, "default_class": t.default_class})
+        if args.json
+        else f"{t.name}: default class {t.default_class}"
+    )
+    return 0
+
+
+# -- xxctl up ------------------------------------------------------------------------------
+class _Up:
+    """The three daemons of a one-machine XX, started in order and stopped in reverse."""
+
+    def __init__(self, state: Path, port: int):
+        self.state, self.port = state, port
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.cgroup_root = "xx-up"
+
+    def start(self) -> tuple[str, Path]:
+        st = self.state
+        st.mkdir(parents=True, exist_ok=True)
+        os.chmod(st, 0o700)
+        key = st / "cluster.key"
+        if not key.exists():
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, secrets.token_hex(32).encode())
+            os.close(fd)
+        py = sys.executable
+        shard = self._spawn("xxshard", [py, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
+                                        "--key-file", str(key), "--state-dir", str(st / "shard")])  # fmt: skip
+        line = shard.stdout.readline()
+        if "listening on" not in line:
+            raise _Usage(f"xxshard did not start: {line.strip() or 'no output'}")
+        shard_addr = line.split()[-1]
+        node_toml = st / "node.toml"
+        node_toml.write_text(
+            f'[node]\nstate_dir = "{st / "node"}"\nsocket = "{st / "xxnode.sock"}"\n'
+            f'cgroup_root = "{self.cgroup_root}"\n'
+            f'[cluster]\nshards = ["{shard_addr}"]\nkey_file = "{key}"\n'
+            f'listen = "127.0.0.1:0"\nnode_id = "local"\n'
+        )
+        rd, wr = os.pipe()
+        self._spawn("xxnode", [py, "-m", "xxnode.node.main", "--config", str(node_toml),
+                               "--ready-fd", str(wr)], pass_fds=(wr,))  # fmt: skip
+        os.close(wr)
+        with os.fdopen(rd, "rb") as f:
+            if not f.read(1):
+                raise _Usage(f"xxnode did not start (its log: {st / 'xxnode.log'})")
+        port = self.port or _free_port()
+        url = f"http://127.0.0.1:{port}"
+        db = f"sqlite:///{st / 'gateway.db'}"
+        gate = self._spawn("xxgate", [py, "-m", "xxnode.gateway.main", "--listen", f"127.0.0.1:{port}",
+                                      "--store", db, "--shards", shard_addr, "--key-file", str(key),
+                                      "--public-url", url])  # fmt: skip
+        line = gate.stdout.readline()
+        if "listening on" not in line:
+            raise _Usage(
+                f"xxgate did not start: {line.strip() or 'no output'} (log: {st / 'xxgate.log'})"
+            )
+        return url, self._credentials(db)
+
+    def _spawn(self, name: str, argv: list[str], pass_fds=()) -> subprocess.Popen:
+        log = open(self.state / f"{name}.log", "ab")
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                             text=True, pass_fds=pass_fds, start_new_session=True)  # fmt: skip
+        log.close()
+        self.procs.append((name, p))
+        # drain what it prints after its first line into its log, so it never blocks on us
+        return p
+
+    def _credentials(self, db: str) -> Path:
+        """The default tenant's key in an AWS shared-credentials file (reused across ups)."""
+        path = self.state / "credentials"
+        with open_store(db) as s:
+            try:
+                s.get_tenant(DEFAULT_TENANT)
+            except NotFound:
+                s.create_tenant(DEFAULT_TENANT, _class_ok(None))
+            akid = _read_akid(path)
+            if akid is None or s.get_key(akid) is None:
+                k = s.create_key(DEFAULT_TENANT)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.write(fd, (f"[default]\naws_access_key_id = {k.access_key_id}\n"
+                              f"aws_secret_access_key = {k.secret}\n").encode())  # fmt: skip
+                os.close(fd)
+        return path
+
+    def wait(self) -> int:
+        """Until a signal, or until one of the daemons exits (then all stop, exit 1)."""
+        done = threading.Event()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: done.set())
+        for name, p in self.procs:
+            threading.Thread(target=lambda p=p: (p.wait(), done.set()), daemon=True).start()
+            threading.Thread(
+                target=_drain, args=(p, self.state / f"{name}.log"), daemon=True
+            ).start()
+        done.wait()
+        died = [n for n, p in self.procs if p.poll() is not None]
+        if died:
+            print(
+                f"xxctl up: {', '.join(died)} exited; stopping (logs in {self.state})",
+                file=sys.stderr,
+            )
+        return 1 if died else 0
+
+    def stop(self) -> None:
+        for _name, p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        _kill_cgroup(self.cgroup_root)  # its jobs and environments outlive it by design
+
+
+def _drain(p: subprocess.Popen, log: Path) -> None:
+    if p.stdout is None:
+        return
+    with open(log, "a") as f:
+        for line in p.stdout:
+            f.write(line)
+
+
+def _read_akid(path: Path) -> str | None:
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition("=")
+            if k.strip() == "aws_access_key_id":
+                return v.strip()
+    except OSError:
+        return None
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cgroup(name: str) -> None:
+    from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
+    from xxnode.kernel.cgroup_watch import PopulatedWatcher
+
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return
+    cg = Cgroup(mount / name)
+    if not cg.exists():
+        return
+    cg.kill()
+    w = PopulatedWatcher()
+    try:
+        w.wait(cg, 10)
+    finally:
+        w.close()
+    cg.remove_tree()
+
+
+def cmd_up(args) -> int:
+    if os.geteuid() != 0:
+        raise _Usage("needs root: the node makes cgroups and sets SCHED_FIFO")
+    up = _Up(args.state_dir.resolve(), args.port)
+    try:
+        url, creds = up.start()
+        print(f"endpoint: {url}", flush=True)
+        print(f"credentials: {creds}", flush=True)
+        print(f"AWS_SHARED_CREDENTIALS_FILE={creds} aws --endpoint-url {url} --region us-east-1 "
+              "lambda list-functions", file=sys.stderr)  # fmt: skip
+        return up.wait()
+    finally:
+        up.stop()

@@ -1,0 +1,176 @@
+"""Invoke: RequestResponse (the gateway waits for the result), Event (durably accepted in the
+store before the 202, then run by a worker that claims it with a lease) and DryRun.
+
+An accepted event survives a kill -9 of the gateway that took it: it is in the store, and
+its lease runs out, so a restarted gateway (or another one sharing the store) claims it and
+runs it. One caveat is stated, not hidden: a gateway killed after the node ran the event but
+before it marked the event finished leaves it to run again (at least once). The ledger's
+exactly-once work (the next issue) keys usage by invocation id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+
+from aiohttp import web
+
+from xxnode.gateway import errors
+from xxnode.gateway.invoke import Call, Invoker, Outcome
+from xxnode.ledger.store import LATEST, Function, Store
+from xxnode.wire import MAX_PAYLOAD
+
+log = logging.getLogger("xxgate")
+POLL_S = 1.0  # events recorded by other gateways (or before a restart) are found this often
+
+
+class Invocations:
+    def __init__(self, store: Store, cfg, invoker: Invoker, functions):
+        self.store, self.cfg, self.invoker, self.functions = store, cfg, invoker, functions
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._default_class: dict[str, str] = {}
+        self.counts = {"events_run": 0, "events_failed": 0}
+
+    # -- the API ------------------------------------------------------------------------
+    async def invoke(self, request: web.Request) -> web.Response:
+        tenant = request["tenant"]
+        name, qualifier = self.functions.function_name_of(request)
+        itype = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        if itype not in ("RequestResponse", "Event", "DryRun"):
+            raise errors.invalid_parameter(
+                f"X-Amz-Invocation-Type: {itype[:32]!r} is not RequestResponse, Event or DryRun"
+            )
+        payload = await _payload(request)
+        fn = await self.functions.db(self.store.get_function, tenant, name, qualifier)
+        cls = await self.class_of(fn)
+        if itype == "DryRun":
+            return web.Response(status=204)
+        if itype == "Event":
+            inv = await self.functions.db(
+                self.store.record_event, tenant, fn.name, qualifier, cls, payload,
+                invocation_id=request["request_id"],
+            )  # fmt: skip
+            self._wake.set()
+            return web.Response(status=202, headers={"x-amzn-RequestId": inv.id})
+        out = await self.invoker.invoke(self.call(fn, cls), payload)
+        if out.failure is not None:
+            raise errors.service_error(out.failure)
+        headers = {"X-Amz-Executed-Version": fn.version}
+        if out.function_error:
+            headers["X-Amz-Function-Error"] = out.function_error
+        if request.headers.get("X-Amz-Log-Type") == "Tail":
+            headers["X-Amz-Log-Result"] = out.log_tail()
+        return web.Response(body=out.payload, headers=headers, content_type="application/json")
+
+    async def invoke_async(self, request: web.Request) -> web.Response:
+        """The deprecated InvokeAsync: an Event invocation, answered 202 {"Status": 202}."""
+        tenant = request["tenant"]
+        name, qualifier = self.functions.function_name_of(request)
+        payload = await _payload(request)
+        fn = await self.functions.db(self.store.get_function, tenant, name, qualifier)
+        cls = await self.class_of(fn)
+        await self.functions.db(
+            self.store.record_event, tenant, fn.name, qualifier, cls, payload,
+            invocation_id=request["request_id"],
+        )  # fmt: skip
+        self._wake.set()
+        return web.json_response({"Status": 202}, status=202)
+
+    # -- shared with function URLs ----------------------------------------------------------
+    async def class_of(self, fn: Function) -> str:
+        """Its `xx:class` tag, else its tenant's default class."""
+        if fn.price_class:
+            return fn.price_class
+        cls = self._default_class.get(fn.tenant)
+        if cls is None:
+            t = await self.functions.db(self.store.get_tenant, fn.tenant)
+            cls = self._default_class[fn.tenant] = t.default_class
+        return cls
+
+    def call(self, fn: Function, cls: str) -> Call:
+        return Call(
+            tenant=fn.tenant, name=fn.name, version=fn.version, digest=fn.code_digest,
+            runtime=fn.runtime, handler=fn.handler, timeout=fn.timeout,
+            memory_mb=fn.memory_mb, env=dict(fn.environment), cls=cls,
+        )  # fmt: skip
+
+    async def run(self, fn: Function, cls: str, payload: bytes) -> Outcome:
+        return await self.invoker.invoke(self.call(fn, cls), payload)
+
+    # -- the event workers ------------------------------------------------------------------
+    def start(self) -> None:
+        for _ in range(self.cfg.event_workers):
+            t = asyncio.ensure_future(self._worker())
+            self._tasks.add(t)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                claimed = await asyncio.to_thread(
+                    self.store.claim_pending_events, 1, self.owner, 900 + 2 * self.cfg.margin
+                )
+            except Exception:
+                log.exception("claiming events failed")
+                claimed = []
+            if not claimed:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+                except TimeoutError:
+                    pass
+                continue
+            for inv in claimed:
+                await self._run_event(inv)
+
+    async def _run_event(self, inv) -> None:
+        try:
+            fn = await asyncio.to_thread(
+                self.store.get_function, inv.tenant, inv.function, inv.qualifier or LATEST
+            )
+        except Exception as e:  # deleted since: the event fails, named
+            await self._finish(inv, "failed", {"error": f"function not found: {e}"})
+            return
+        out = await self.run(fn, inv.price_class, inv.payload or b"{}")
+        if out.failure is not None:
+            self.counts["events_failed"] += 1
+            await self._finish(inv, "failed", {"error": out.failure})
+            return
+        self.counts["events_run"] += 1
+        status = "failed" if out.function_error else "succeeded"
+        result = {"payload": out.payload.decode("utf-8", "replace")[:65536], "report": out.report}
+        await self._finish(inv, status, result)
+
+    async def _finish(self, inv, status: str, result: dict) -> None:
+        try:
+            await asyncio.to_thread(
+                self.store.finish_invocation, inv.id, status, result, owner=self.owner
+            )
+        except Exception:
+            log.exception("event %s: finishing failed", inv.id)
+
+
+async def _payload(request: web.Request) -> bytes:
+    if (request.content_length or 0) > MAX_PAYLOAD:
+        raise errors.too_large()
+    payload = await request.read()
+    if len(payload) > MAX_PAYLOAD:
+        raise errors.too_large()
+    if not payload:
+        return b"{}"
+    try:
+        json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.invalid_request_content(
+            f"Could not parse request body into json: {e}"
+        ) from None
+    return payload

@@ -1,0 +1,165 @@
+"""xxgate's HTTP server: the routes of Lambda's REST API, each request's SigV4 signature
+verified against its tenant's key, every failure shaped as AWS shapes it, and two routes of
+XX's own: code by digest for nodes (/xx/code/DIGEST, a cluster-key token) and function URLs
+(/xx-url/URL_ID/..., or a Host of URL_ID.lambda-url.REGION.on.aws).
+
+Stateless itself: everything lives in the store, so several gateways can share one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from xxnode.cluster import code as code_fetch
+from xxnode.gateway import errors, sigv4
+from xxnode.gateway.errors import AwsError, to_response_parts
+from xxnode.gateway.functions import Functions
+from xxnode.gateway.invocations import Invocations
+from xxnode.gateway.urls import FunctionUrls
+from xxnode.ledger.store import Store
+
+log = logging.getLogger("xxgate")
+MAX_BODY = 72 * 1024 * 1024  # a 50 MiB zip, base64 in JSON
+KEY_TTL = 5.0  # seconds a looked-up access key is trusted before it is read again
+_AKID = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
+
+
+class Keys:
+    """Access key id -> (secret, tenant), cached briefly: one store read per key per
+    KEY_TTL instead of one per request. A deleted key works at most KEY_TTL longer."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+
+    async def get(self, akid: str) -> tuple[str, str] | None:
+        now = time.monotonic()
+        hit = self._cache.get(akid)
+        if hit is not None and now - hit[0] < KEY_TTL:
+            return hit[1]
+        key = await asyncio.to_thread(self.store.get_key, akid)
+        value = None if key is None else (key.secret, key.tenant)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[akid] = (now, value)
+        return value
+
+
+class Gateway:
+    def __init__(self, store: Store, cfg, invoker, cluster_key: bytes):
+        self.store, self.cfg, self.cluster_key = store, cfg, cluster_key
+        self.keys = Keys(store)
+        self.functions = Functions(store, cfg.classes, cfg.region, cfg.code_url)
+        self.invocations = Invocations(store, cfg, invoker, self.functions)
+        self.urls = FunctionUrls(store, cfg, self.functions, self.invocations, self.authenticate)
+
+    async def authenticate(self, request: web.Request, body: bytes) -> str:
+        """The tenant whose key signed this request, or the AWS error saying why not."""
+        auth = request.headers.get("Authorization", "")
+        m = _AKID.search(auth)
+        found = await self.keys.get(m[1]) if m else None
+        raw_path, _, query = request.raw_path.partition("?")
+        v = sigv4.verify(
+            request.method, raw_path, query, request.headers, body,
+            lambda k: found[0] if found and m and k == m[1] else None,
+            datetime.now(UTC), region=self.cfg.region,
+        )  # fmt: skip
+        assert found is not None  # verify refused an unknown key already
+        del v
+        return found[1]
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        f, i, u = self.functions, self.invocations, self.urls
+        r = app.router
+        base = "/2015-03-31/functions"
+        r.add_post(base, f.create)
+        r.add_get(base, f.list)
+        r.add_get(base + "/", f.list)
+        r.add_get(base + "/{name}", f.get)
+        r.add_delete(base + "/{name}", f.delete)
+        r.add_get(base + "/{name}/configuration", f.get_configuration)
+        r.add_put(base + "/{name}/configuration", f.update_configuration)
+        r.add_put(base + "/{name}/code", f.update_code)
+        r.add_post(base + "/{name}/versions", f.publish)
+        r.add_post(base + "/{name}/invocations", i.invoke)
+        r.add_post("/2014-11-13/functions/{name}/invoke-async/", i.invoke_async)
+        r.add_post("/2017-03-31/tags/{arn}", f.tag)
+        r.add_delete("/2017-03-31/tags/{arn}", f.untag)
+        r.add_get("/2017-03-31/tags/{arn}", f.list_tags)
+        urls = "/2021-10-31/functions/{name}/url"
+        r.add_post(urls, u.create)
+        r.add_get(urls, u.get)
+        r.add_put(urls, u.update)
+        r.add_delete(urls, u.delete)
+        r.add_get(code_fetch.PATH + "{digest}", self.code)
+        r.add_route("*", "/xx-url/{url_id}{tail:(/.*)?}", u.serve)
+        return app
+
+    # -- XX's own routes ------------------------------------------------------------------
+    async def code(self, request: web.Request) -> web.Response:
+        """A zip by digest, for a node of this cluster (its token proves it)."""
+        digest = request.match_info["digest"]
+        if not code_fetch.token_ok(
+            self.cluster_key, digest, request.headers.get(code_fetch.HEADER)
+        ):
+            raise errors.access_denied("code by digest is for the cluster's nodes")
+        data = await asyncio.to_thread(self.store.get_code, digest)
+        if data is None:
+            raise errors.not_found(f"no code {digest[:80]}")
+        return web.Response(body=data, content_type="application/zip")
+
+    # -- middlewares ----------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        """Every failure as AWS shapes it; never a traceback to the client."""
+        rid = str(uuid.uuid4())
+        request["request_id"] = rid
+        try:
+            resp = await handler(request)
+        except AwsError as e:
+            return _aws(e, rid)
+        except web.HTTPRequestEntityTooLarge:
+            return _aws(
+                AwsError("RequestEntityTooLargeException", "Request must be smaller than "
+                         f"{MAX_BODY} bytes for the operation"), rid)  # fmt: skip
+        except web.HTTPNotFound:
+            return _aws(AwsError("UnknownOperationException", "Unknown operation", status=404), rid)
+        except web.HTTPMethodNotAllowed:
+            return _aws(AwsError("UnknownOperationException", "Unknown operation", status=405), rid)
+        except web.HTTPException:
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path)
+            return _aws(errors.service_error("the gateway failed to handle the request"), rid)
+        resp.headers.setdefault("x-amzn-RequestId", rid)
+        return resp
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if (url_id := _url_host(request)) is not None:  # URL_ID.lambda-url.REGION.on.aws
+            return await self.urls.serve(request, url_id, request.path)
+        if request.path.startswith((code_fetch.PATH, "/xx-url/")):
+            return await handler(request)
+        body = await request.read()
+        request["tenant"] = await self.authenticate(request, body)
+        return await handler(request)
+
+
+def _url_host(request: web.Request) -> str | None:
+    host = request.headers.get("Host", "")
+    url_id, sep, _ = host.partition(".lambda-url.")
+    return url_id if sep and url_id else None
+
+
+def _aws(e: AwsError, rid: str) -> web.Response:
+    status, headers, body = to_response_parts(e, rid)
+    return web.Response(status=status, headers=headers, body=body)
