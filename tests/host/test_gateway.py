@@ -16,7 +16,7 @@ import zipfile
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.support.xx_up import Up
+from tests.support.xx_up import XXCTL, Up
 from xxnode.ledger.store import open_store
 
 APP = """
@@ -261,3 +261,26 @@ def test_a_function_url_turns_a_request_into_an_event_and_back(lam, up):
     r = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.stdout == "403"
+
+
+def test_xxctl_fn_create_is_the_short_way_with_a_class(lam, up, tmp_path):
+    code = tmp_path / "short"
+    code.mkdir()
+    (code / "app.py").write_text(textwrap.dedent(APP))
+    env = {**os.environ, "AWS_SHARED_CREDENTIALS_FILE": str(up.credentials)}
+    r = subprocess.run(
+        [XXCTL, "fn", "create", "short", "--code", str(code), "--runtime", "python3.11",
+         "--handler", "app.handler", "--class", "high", "--endpoint-url", up.endpoint, "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["FunctionName"] == "short"
+    assert lam.get_function(FunctionName="short")["Tags"] == {"xx:class": "high"}
+    _, out = invoke(lam, "short", {})
+    assert out["policy"] == os.SCHED_FIFO
+    r = subprocess.run(
+        [XXCTL, "fn", "create", "short2", "--code", str(code), "--runtime", "python3.11",
+         "--handler", "app.handler", "--class", "gold", "--endpoint-url", up.endpoint],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "InvalidParameterValueException" in r.stderr

@@ -336,6 +336,7 @@ def test_create_function_refuses_bad_input(store: Store) -> None:
         {"environment": {"A": 1}},
         {"tags": {"k": None}},
         {"description": None},
+        {"version": "1"},
     ):
         with pytest.raises(Invalid):
             make(**kw)

@@ -3,7 +3,8 @@ only on a unix socket there (no TCP, so no port to collide on), gone when stoppe
 
 Debian's `postgresql` package (tools/setup) provides the binaries; no system cluster is used.
 PostgreSQL refuses to run as root, so as root the cluster belongs to `nobody` (its directory
-is chown'd to it, under /tmp where nobody can reach it); otherwise it runs as the caller.
+is chown'd to it, under /dev/shm or /tmp where nobody can reach it); otherwise it runs as the
+caller.
 Durability is switched off (`fsync=off`): nothing here outlives the session, and it keeps
 CREATE DATABASE and commits fast.
 
@@ -55,22 +56,40 @@ def find_bindir() -> Path:
     return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
 
 
+def _scratch(as_root: bool) -> str | None:
+    """tmpfs when there is one (CREATE DATABASE copies a whole template: on a busy disk that
+    alone took 0.3 s a test); as root, a place nobody can reach, not a caller's TMPDIR."""
+    for d in ("/dev/shm", "/tmp"):
+        if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return d
+    return None if not as_root else "/tmp"
+
+
 class PostgresServer:
     def __init__(self) -> None:
         self.bindir = find_bindir()
         self.root: Path | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=200)
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # set on the ready line, or at EOF
+        self._saw_ready = False
         self._drain: threading.Thread | None = None
 
     # -- life
 
     def start(self) -> PostgresServer:
         as_root = os.geteuid() == 0
-        # As root the tree must be reachable by nobody: /tmp, not a caller's TMPDIR.
-        self.root = Path(tempfile.mkdtemp(prefix="xx-pg-", dir="/tmp" if as_root else None))
-        atexit.register(self.stop)
+        self.root = Path(tempfile.mkdtemp(prefix="xx-pg-", dir=_scratch(as_root)))
+        atexit.register(self.stop)  # a session that dies without its finalizers
+        try:
+            self._start(as_root)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, as_root: bool) -> None:
+        assert self.root is not None
         user: dict[str, Any] = {}
         if as_root:
             nobody = pwd.getpwnam("nobody")
@@ -94,11 +113,8 @@ class PostgresServer:
         )  # fmt: skip
         self._drain = threading.Thread(target=self._read_log, name="postgres-log", daemon=True)
         self._drain.start()
-        if not self._ready.wait(START_TIMEOUT_S) or self._proc.poll() is not None:
-            log = self.log()
-            self.stop()
-            raise PostgresError(f"postgres did not start; its log:\n{log}")
-        return self
+        if not self._ready.wait(START_TIMEOUT_S) or not self._saw_ready:
+            raise PostgresError(f"postgres did not start; its log:\n{self.log()}")
 
     def _read_log(self) -> None:
         """Keeps the pipe drained for as long as the server lives (a full pipe would stall
@@ -107,8 +123,9 @@ class PostgresServer:
         for line in self._proc.stderr:
             self._log.append(line.rstrip("\n"))
             if READY in line:
+                self._saw_ready = True
                 self._ready.set()
-        self._ready.set()  # EOF: it exited; start() sees poll() is not None
+        self._ready.set()  # EOF: it exited (before getting ready, if start() still waits)
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: roll back, disconnect, exit), then the directory."""

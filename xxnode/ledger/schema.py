@@ -24,7 +24,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from xxnode.ledger.store import (
     AUTH_TYPES,
@@ -218,6 +218,25 @@ _FN_FROM = (
     "AND l.version = ? JOIN code c ON c.digest = v.code_digest"
 )
 _CONFIG_COLS = "runtime, handler, timeout, memory_mb, environment, description, code_digest"
+
+
+class _Latest(NamedTuple):
+    """$LATEST's own columns (not joined), as a change reads them before it writes."""
+
+    runtime: str
+    handler: str
+    timeout: float
+    memory_mb: int
+    environment: str  # JSON
+    description: str
+    code_digest: str
+    revision_id: str
+    tags: str  # JSON
+    last_published: int
+
+
+# What makes a version differ from the last published one (a new description alone does not).
+_VERSIONED = ("runtime", "handler", "timeout", "memory_mb", "environment", "code_digest")
 _URL_COLS = "url_id, tenant, function_name, qualifier, auth_type, cors, created_at, modified_at"
 _INV_COLS = (
     "id, tenant, function_name, qualifier, price_class, invocation_type, status, payload, "
@@ -436,6 +455,8 @@ class SqlStore(Store):
         tags = check_str_map("tags", fn.tags)
         if not isinstance(fn.description, str):
             raise Invalid("description must be a string")
+        if fn.version != LATEST:
+            raise Invalid(f"a function is created as {LATEST}; publish_version makes the rest")
         with self._tx(True) as tx:
             self._tenant(tx, fn.tenant)
             if self._latest(tx, fn.tenant, fn.name, lock=False, must=False):
@@ -479,8 +500,8 @@ class SqlStore(Store):
 
     def _latest(
         self, tx: Tx, tenant: str, name: str, *, lock: bool, must: bool = True
-    ) -> tuple[Any, ...] | None:
-        """$LATEST's own columns (not joined), row-locked when about to change it."""
+    ) -> _Latest | None:
+        """Row-locked when about to change it (PostgreSQL; SQLite's writer is alone)."""
         rows = tx.rows(
             f"SELECT {_CONFIG_COLS}, revision_id, tags, last_published FROM functions "
             "WHERE tenant = ? AND name = ? AND version = ?"
@@ -489,16 +510,18 @@ class SqlStore(Store):
         )
         if not rows and must:
             raise NotFound(f"function {name} not found")
-        return rows[0] if rows else None
+        return _Latest(*rows[0]) if rows else None
 
     def _code_stored(self, tx: Tx, digest: str) -> None:
         if not tx.rows("SELECT 1 FROM code WHERE digest = ?", (digest,)):
             raise Invalid(f"code {digest} is not in the store (put_code first)")
 
     @staticmethod
-    def _check_revision(row: tuple[Any, ...], expect: str | None) -> None:
-        if expect is not None and row[7] != expect:
-            raise Conflict(f"revision {expect} is not the current one ({row[7]})")
+    def _check_revision(row: _Latest | None, expect: str | None) -> _Latest:
+        assert row is not None  # _latest(must=True) raised NotFound already
+        if expect is not None and row.revision_id != expect:
+            raise Conflict(f"revision {expect} is not the current one ({row.revision_id})")
+        return row
 
     def list_functions(
         self, tenant: str, marker: str | None = None, max_items: int = 50
@@ -545,10 +568,9 @@ class SqlStore(Store):
     ) -> Function:
         check_digest(code_digest)
         with self._tx(True) as tx:
-            row = self._latest(tx, tenant, name, lock=True)
-            self._check_revision(row, expect_revision)
+            row = self._check_revision(self._latest(tx, tenant, name, lock=True), expect_revision)
             self._code_stored(tx, code_digest)
-            self._write_config(tx, tenant, name, row[:6] + (code_digest,))
+            self._write_config(tx, tenant, name, row._replace(code_digest=code_digest))
             return self._function(tx, tenant, name, LATEST)
 
     def update_function_configuration(
@@ -568,35 +590,33 @@ class SqlStore(Store):
         if description is not None and not isinstance(description, str):
             raise Invalid("description must be a string")
         with self._tx(True) as tx:
-            row = self._latest(tx, tenant, name, lock=True)
-            self._check_revision(row, expect_revision)
-            new = (
-                row[0] if runtime is None else runtime,
-                row[1] if handler is None else handler,
-                row[2] if timeout is None else timeout,
-                row[3] if memory_mb is None else memory_mb,
-                row[4] if env is None else _json(env),
-                row[5] if description is None else description,
-                row[6],
-            )
-            _check_config(*new[:4])
+            row = self._check_revision(self._latest(tx, tenant, name, lock=True), expect_revision)
+            given = {
+                "runtime": runtime,
+                "handler": handler,
+                "timeout": timeout,
+                "memory_mb": memory_mb,
+                "environment": None if env is None else _json(env),
+                "description": description,
+            }
+            new = row._replace(**{k: v for k, v in given.items() if v is not None})
+            _check_config(new.runtime, new.handler, new.timeout, new.memory_mb)
             self._write_config(tx, tenant, name, new)
             return self._function(tx, tenant, name, LATEST)
 
-    def _write_config(self, tx: Tx, tenant: str, name: str, config: tuple[Any, ...]) -> None:
-        runtime, handler, timeout, memory_mb, env_json, description, digest = config
+    def _write_config(self, tx: Tx, tenant: str, name: str, c: _Latest) -> None:
         tx.run(
             "UPDATE functions SET runtime = ?, handler = ?, timeout = ?, memory_mb = ?, "
             "environment = ?, description = ?, code_digest = ?, revision_id = ?, "
             "last_modified = ? WHERE tenant = ? AND name = ? AND version = ?",
             (
-                runtime,
-                handler,
-                float(timeout),
-                memory_mb,
-                env_json,
-                description,
-                digest,
+                c.runtime,
+                c.handler,
+                float(c.timeout),
+                c.memory_mb,
+                c.environment,
+                c.description,
+                c.code_digest,
                 str(uuid.uuid4()),
                 lambda_time(self._clock()),
                 tenant,
@@ -616,8 +636,8 @@ class SqlStore(Store):
     def _retag(self, tenant: str, name: str, change: Any) -> dict[str, str]:
         # Tags are not configuration: no new revision, no new last_modified (as in Lambda).
         with self._tx(True) as tx:
-            row = self._latest(tx, tenant, name, lock=True)
-            tags = change(json.loads(row[8]))
+            row = self._check_revision(self._latest(tx, tenant, name, lock=True), None)
+            tags = change(json.loads(row.tags))
             tx.run(
                 "UPDATE functions SET tags = ? WHERE tenant = ? AND name = ? AND version = ?",
                 (_json(tags), tenant, name, LATEST),
@@ -643,17 +663,16 @@ class SqlStore(Store):
         if description is not None and not isinstance(description, str):
             raise Invalid("description must be a string")
         with self._tx(True) as tx:
-            row = self._latest(tx, tenant, name, lock=True)  # also serialises the counter
-            self._check_revision(row, expect_revision)
-            last = int(row[9])
+            # The row lock on $LATEST also serialises the version counter.
+            row = self._check_revision(self._latest(tx, tenant, name, lock=True), expect_revision)
+            last = int(row.last_published)
             if last:
                 prev = tx.rows(
-                    f"SELECT {_CONFIG_COLS} FROM functions "
+                    f"SELECT {', '.join(_VERSIONED)} FROM functions "
                     "WHERE tenant = ? AND name = ? AND version = ?",
                     (tenant, name, str(last)),
                 )
-                same = (0, 1, 2, 3, 4, 6)  # code and configuration; the description aside
-                if prev and all(prev[0][i] == row[i] for i in same):
+                if prev and prev[0] == tuple(getattr(row, f) for f in _VERSIONED):
                     return self._function(tx, tenant, name, str(last))
             version = str(last + 1)
             tx.run(
@@ -664,10 +683,14 @@ class SqlStore(Store):
                     tenant,
                     name,
                     version,
-                    *row[:5],
+                    row.runtime,
+                    row.handler,
+                    row.timeout,
+                    row.memory_mb,
+                    row.environment,
                     "{}",
-                    row[5] if description is None else description,
-                    row[6],
+                    row.description if description is None else description,
+                    row.code_digest,
                     str(uuid.uuid4()),
                     lambda_time(self._clock()),
                 ),

@@ -335,6 +335,12 @@ def _zip_dir(top: Path, max_zipped: int, max_unpacked: int) -> bytes:
 # --- the store -----------------------------------------------------------------------
 
 
+def zip_tree(top: Path, max_zipped: int = MAX_ZIPPED, max_unpacked: int = MAX_UNPACKED) -> bytes:
+    """A directory as the zip the store would make of it (fixed times: same tree, same
+    digest), for a client uploading code."""
+    return _zip_dir(Path(top), max_zipped, max_unpacked)
+
+
 def check_zip(data: bytes, max_zipped: int = MAX_ZIPPED, max_unpacked: int = MAX_UNPACKED) -> None:
     """Every check a node makes before it unpacks, without writing a byte: what a gateway
     runs on CreateFunction so that bad code is refused there, where the user is. Blocking
