@@ -1,0 +1,109 @@
+"""An invocation's path when a part of it dies: gateway -> shard -> node -> environment.
+Each death ends in the result or a clear error, never a hang past the function's timeout
+plus the gateway's margin. The daemons are `xxctl up`'s, driven from here so one can be
+killed with SIGKILL."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+import zipfile
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from xxnode.ctl.gate_cmds import _Up
+
+SLOW = """
+import time
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"slept": event.get("sleep", 0)}
+"""
+MARGIN = 5.0  # the gateway's default
+
+
+@pytest.fixture
+def up(tmp_path):
+    u = _Up(tmp_path / "state", 0)
+    url, creds = u.start()
+    kv = dict(line.split(" = ") for line in creds.read_text().splitlines() if " = " in line)
+    client = boto3.client(
+        "lambda", endpoint_url=url, region_name="us-east-1",
+        aws_access_key_id=kv["aws_access_key_id"], aws_secret_access_key=kv["aws_secret_access_key"],
+        config=Config(retries={"max_attempts": 1}, read_timeout=300),
+    )  # fmt: skip
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("app.py", SLOW)
+    client.create_function(FunctionName="slow", Runtime="python3.11", Handler="app.handler",
+                           Role="arn:aws:iam::123456789012:role/x", Timeout=20,
+                           Code={"ZipFile": buf.getvalue()})  # fmt: skip
+    client.invoke(FunctionName="slow", Payload=b"{}")  # warm: the code is on the node
+    try:
+        yield u, client
+    finally:
+        u.stop()
+
+
+def proc(u: _Up, name: str):
+    return next(p for n, p in u.procs if n == name)
+
+
+def running(u: _Up) -> bool:
+    """The node says when the handler has the event (its control socket: no event for it)."""
+    from xxnode.node.client import Client
+
+    with Client(str(u.state / "xxnode.sock")) as c:
+        return any(e["state"] == "running" for e in c.call({"op": "fn_envs"})["envs"])
+
+
+def invoke_in_thread(client, event: dict) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def go():
+        t0 = time.monotonic()
+        try:
+            r = client.invoke(FunctionName="slow", Payload=json.dumps(event).encode())
+            out["payload"] = json.loads(r["Payload"].read())
+        except ClientError as e:
+            out["error"] = e.response["Error"]
+        out["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, out
+
+
+def until(pred, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_shard_killed_mid_invocation_does_not_lose_the_result(up):
+    u, client = up
+    t, out = invoke_in_thread(client, {"sleep": 2})
+    until(lambda: running(u), "the handler to have the event")
+    os.kill(proc(u, "xxshard").pid, signal.SIGKILL)  # the node answers the gateway directly
+    t.join(60)
+    assert out.get("payload") == {"slept": 2}, out
+
+
+def test_a_node_killed_mid_invocation_is_a_clear_error_within_timeout_and_margin(up):
+    u, client = up
+    t, out = invoke_in_thread(client, {"sleep": 15})
+    until(lambda: running(u), "the handler to have the event")
+    os.kill(proc(u, "xxnode").pid, signal.SIGKILL)
+    t.join(20 + MARGIN + 30)
+    assert not t.is_alive()
+    assert out["error"]["Code"] == "ServiceException", out
+    assert out["s"] < 20 + MARGIN + 5, out  # never past the function's timeout plus the margin
