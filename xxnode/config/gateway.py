@@ -19,7 +19,7 @@ KEYS = (
     Key("region", "str", "us-east-1", "the region ARNs and SigV4 scopes carry", nonempty=True),
     Key("default_class", "str", "", "the class of a tenant created without one (default: the cheapest)"),
     Key("margin", "seconds", 5.0, "how long past a function's timeout an invocation may take before the gateway answers with an error (a dead shard or node)", least=0),
-    Key("event_workers", "int", 4, "Event invocations run at once from the durable queue", least=1),
+    Key("event_workers", "int", 4, "Event invocations run at once from the durable queue (0: this gateway only accepts them; others sharing the store run them)", least=0),
 )  # fmt: skip
 
 

@@ -58,6 +58,9 @@ def register(sub) -> None:
     u = sub.add_parser("up", help="a whole XX on this machine: gateway, shard, node")
     u.add_argument("--state-dir", type=Path, default=UP_DIR, help=f"default {UP_DIR}")
     u.add_argument("--port", type=int, default=0, help="the gateway's port (default: any free)")
+    u.add_argument(
+        "--store", metavar="URL", help="the gateway's store (default: SQLite in the state dir)"
+    )
     u.set_defaults(func=lambda args: _guard(cmd_up, args), command="up")
 
 
@@ -154,8 +157,9 @@ def cmd_set(args) -> int:
 class _Up:
     """The three daemons of a one-machine XX, started in order and stopped in reverse."""
 
-    def __init__(self, state: Path, port: int):
+    def __init__(self, state: Path, port: int, store: str | None = None):
         self.state, self.port = state, port
+        self.store = store  # None: SQLite in the state dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.cgroup_root = "xx-up"
 
@@ -191,16 +195,23 @@ class _Up:
                 raise _Usage(f"xxnode did not start (its log: {st / 'xxnode.log'})")
         port = self.port or _free_port()
         url = f"http://127.0.0.1:{port}"
-        db = f"sqlite:///{st / 'gateway.db'}"
-        gate = self._spawn("xxgate", [py, "-m", "xxnode.gateway.main", "--listen", f"127.0.0.1:{port}",
-                                      "--store", db, "--shards", shard_addr, "--key-file", str(key),
-                                      "--public-url", url])  # fmt: skip
+        db = self.store or f"sqlite:///{st / 'gateway.db'}"
+        self._gateway_argv = lambda port: [
+            py, "-m", "xxnode.gateway.main", "--listen", f"127.0.0.1:{port}", "--store", db,
+            "--shards", shard_addr, "--key-file", str(key), "--public-url", f"http://127.0.0.1:{port}",
+        ]  # fmt: skip
+        self.add_gateway(port)
+        return url, self._credentials(db)
+
+    def add_gateway(self, port: int, event_workers: int | None = None) -> str:
+        """One more xxgate on the same store and shard (several share a PostgreSQL store)."""
+        extra = [] if event_workers is None else ["--event-workers", str(event_workers)]
+        gate = self._spawn("xxgate", self._gateway_argv(port) + extra)
         line = gate.stdout.readline()
         if "listening on" not in line:
-            raise _Usage(
-                f"xxgate did not start: {line.strip() or 'no output'} (log: {st / 'xxgate.log'})"
-            )
-        return url, self._credentials(db)
+            log = self.state / "xxgate.log"
+            raise _Usage(f"xxgate did not start: {line.strip() or 'no output'} (log: {log})")
+        return f"http://127.0.0.1:{port}"
 
     def _spawn(self, name: str, argv: list[str], pass_fds=()) -> subprocess.Popen:
         log = open(self.state / f"{name}.log", "ab")
@@ -208,7 +219,6 @@ class _Up:
                              text=True, pass_fds=pass_fds, start_new_session=True)  # fmt: skip
         log.close()
         self.procs.append((name, p))
-        # drain what it prints after its first line into its log, so it never blocks on us
         return p
 
     def _credentials(self, db: str) -> Path:
@@ -306,7 +316,7 @@ def _kill_cgroup(name: str) -> None:
 def cmd_up(args) -> int:
     if os.geteuid() != 0:
         raise _Usage("needs root: the node makes cgroups and sets SCHED_FIFO")
-    up = _Up(args.state_dir.resolve(), args.port)
+    up = _Up(args.state_dir.resolve(), args.port, args.store)
     try:
         url, creds = up.start()
         print(f"endpoint: {url}", flush=True)

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", metavar="HOST:PORT[,...]", help="the shards to submit to")
     ap.add_argument("--key-file", metavar="FILE", help="the cluster key")
     ap.add_argument("--public-url", metavar="URL", help="the URL nodes fetch code from")
+    ap.add_argument("--event-workers", type=int, metavar="N", help="0: accept events, run none")
     add_common(ap)
     args = ap.parse_args(argv)
     setup_logging("xxgate", args)
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             "shards": tuple(s.strip() for s in args.shards.split(",")) if args.shards else None,
         }  # fmt: skip
         cfg = gateway_config.replace(cfg, **{k: v for k, v in over.items() if v})
+        if args.event_workers is not None:
+            if args.event_workers < 0:
+                raise ConfigError("--event-workers: a number >= 0")
+            cfg = gateway_config.replace(cfg, event_workers=args.event_workers)
         if cfg.listen.endswith(":0") and not cfg.public_url:
             raise ConfigError("gateway.public_url: needed when listening on port 0")
         key_file = args.key_file or os.environ.get(ENV_KEY) or cfg.key_file
