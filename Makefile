@@ -8,9 +8,12 @@ PYTEST_VM_FLAGS := -q -p no:cacheprovider
 setup:
 	@tools/setup
 
-# What this kernel gives XX, then a local cluster (2 shards, a real xxnode) under mixed load.
+# What this kernel gives XX; the paper's web server through the front door (xxctl up,
+# boto3); then a local cluster (2 shards, a real xxnode) under mixed load.
 demo: setup
 	@$(VENV)/bin/xxctl doctor
+	@echo
+	@$(PY) tools/demo_gateway
 	@echo
 	@$(PY) tools/demo_cluster
 

@@ -154,6 +154,17 @@ def cmd_set(args) -> int:
 
 
 # -- xxctl up ------------------------------------------------------------------------------
+CONTROL_PRIORITY = 40  # the node daemon's own (daemon_priority): above every class
+
+
+def _control_plane() -> None:
+    """In the shard's and the gateway's child before exec: SCHED_FIFO above every class,
+    as the node daemon runs. On one machine they share the CPUs with the functions, and a
+    high-class request must not wait behind low-class work at the front door either. Their
+    threads inherit it; neither starts processes."""
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(CONTROL_PRIORITY))
+
+
 class _Up:
     """The three daemons of a one-machine XX, started in order and stopped in reverse."""
 
@@ -174,7 +185,8 @@ class _Up:
             os.close(fd)
         py = sys.executable
         shard = self._spawn("xxshard", [py, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
-                                        "--key-file", str(key), "--state-dir", str(st / "shard")])  # fmt: skip
+                                        "--key-file", str(key), "--state-dir", str(st / "shard")],
+                            control=True)  # fmt: skip
         line = shard.stdout.readline()
         if "listening on" not in line:
             raise _Usage(f"xxshard did not start: {line.strip() or 'no output'}")
@@ -206,17 +218,18 @@ class _Up:
     def add_gateway(self, port: int, event_workers: int | None = None) -> str:
         """One more xxgate on the same store and shard (several share a PostgreSQL store)."""
         extra = [] if event_workers is None else ["--event-workers", str(event_workers)]
-        gate = self._spawn("xxgate", self._gateway_argv(port) + extra)
+        gate = self._spawn("xxgate", self._gateway_argv(port) + extra, control=True)
         line = gate.stdout.readline()
         if "listening on" not in line:
             log = self.state / "xxgate.log"
             raise _Usage(f"xxgate did not start: {line.strip() or 'no output'} (log: {log})")
         return f"http://127.0.0.1:{port}"
 
-    def _spawn(self, name: str, argv: list[str], pass_fds=()) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], pass_fds=(), control: bool = False):
         log = open(self.state / f"{name}.log", "ab")
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                             text=True, pass_fds=pass_fds, start_new_session=True)  # fmt: skip
+                             text=True, pass_fds=pass_fds, start_new_session=True,
+                             preexec_fn=_control_plane if control else None)  # fmt: skip
         log.close()
         self.procs.append((name, p))
         return p
