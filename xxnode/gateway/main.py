@@ -36,7 +36,12 @@ async def serve(cfg: gateway_config.GatewayConfig, key: bytes) -> None:
     invoker = Invoker([wire.parse_addr(s) for s in cfg.shards], key, cfg.code_url, cfg.margin)
     await invoker.start()
     gate = Gateway(store, cfg, invoker, key)
-    runner = web.AppRunner(gate.app(), access_log=None, handle_signals=False)
+    # a request line up to 256 KiB reaches the API, which names what is wrong with a
+    # 100 000-character function name, instead of aiohttp's bare 400
+    runner = web.AppRunner(
+        gate.app(), access_log=None, handle_signals=False,
+        max_line_size=256 * 1024, max_field_size=64 * 1024,
+    )  # fmt: skip
     await runner.setup()
     host, port = wire.parse_addr(cfg.listen)
     site = web.TCPSite(runner, host, port, backlog=1024)

@@ -1,0 +1,132 @@
+"""Bad input at the front door, sent as raw HTTP (boto3 would refuse most of it before
+sending): unsigned, mis-signed and stale requests, names and tags of 100 000 characters,
+malformed bodies, and 1000 slow connections held open. Each gets an AWS-shaped error or is
+simply held, the gateway keeps serving others, and its memory stays bounded."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from unittest import mock
+from urllib.parse import urlsplit
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from tests.support.xx_up import Up
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    u = Up(tmp_path_factory.mktemp("badup") / "state").start()
+    yield u
+    assert u.stop() == 0
+
+
+def send(up: Up, method: str, path: str, body: bytes = b"", sign=True, when=None, keys=None):
+    """One request as the wire carries it; signed by botocore's own signer unless told not."""
+    url = up.endpoint + path
+    headers = {"Content-Type": "application/json"}
+    if sign:
+        req = AWSRequest(method=method, url=url, data=body, headers=headers)
+        signer = SigV4Auth(Credentials(*(keys or up.keys())), "lambda", "us-east-1")
+        if when is None:
+            signer.add_auth(req)
+        else:  # botocore stamps the time itself: sign as a request captured `when`
+            with mock.patch("botocore.auth.get_current_datetime", lambda: when.replace(tzinfo=None)):
+                signer.add_auth(req)
+        headers = dict(req.headers.items())
+    u = urlsplit(up.endpoint)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        return r.status, r.getheader("x-amzn-ErrorType"), r.read()
+    finally:
+        c.close()
+
+
+def test_unsigned_mis_signed_and_stale_requests_are_403s_shaped_as_aws(up):
+    path = "/2015-03-31/functions/"
+    assert send(up, "GET", path)[0] == 200
+    status, etype, body = send(up, "GET", path, sign=False)
+    assert (status, etype) == (403, "MissingAuthenticationTokenException"), body
+    akid, _ = up.keys()
+    status, etype, _ = send(up, "GET", path, keys=(akid, "not-the-secret"))
+    assert (status, etype) == (403, "InvalidSignatureException")
+    status, etype, _ = send(up, "GET", path, keys=("AKIAUNKNOWNKEY000000", "s"))
+    assert (status, etype) == (403, "UnrecognizedClientException")
+    # a captured request replayed later than the ±5 minutes AWS allows
+    stale = datetime.now(UTC) - timedelta(minutes=6)
+    status, etype, body = send(up, "GET", path, when=stale)
+    assert (status, etype) == (403, "InvalidSignatureException") and b"expired" in body
+
+
+def test_huge_names_and_tags_and_malformed_bodies_are_invalid_parameters(up):
+    huge = "f" * 100_000
+    status, etype, _ = send(up, "GET", f"/2015-03-31/functions/{huge}")
+    assert (status, etype) == (400, "InvalidParameterValueException")
+    create = {"FunctionName": "ok-name", "Runtime": "python3.11", "Handler": "a.b", "Role": "r",
+              "Code": {"ZipFile": ""}, "Tags": {"k" * 100_000: "v"}}  # fmt: skip
+    status, etype, _ = send(up, "POST", "/2015-03-31/functions", json.dumps(create).encode())
+    assert (status, etype) == (400, "InvalidParameterValueException")
+    create["Tags"] = {"k": "v" * 100_000}
+    status, etype, _ = send(up, "POST", "/2015-03-31/functions", json.dumps(create).encode())
+    assert (status, etype) == (400, "InvalidParameterValueException")
+    create["FunctionName"] = huge
+    status, etype, _ = send(up, "POST", "/2015-03-31/functions", json.dumps(create).encode())
+    assert (status, etype) == (400, "InvalidParameterValueException")
+    for bad in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        status, etype, _ = send(up, "POST", "/2015-03-31/functions", bad)
+        assert status == 400 and etype, (bad, status, etype)
+    status, etype, _ = send(up, "GET", "/2015-03-31/no-such-operation")
+    assert status == 404 and etype == "UnknownOperationException"
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+
+def gateway_pid(up: Up) -> int:
+    for d in __import__("os").listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"xxnode.gateway.main" in cmd and str(up.state).encode() in b" ".join(cmd):
+                return int(d)
+    raise AssertionError("no xxgate process")
+
+
+def test_1000_slow_connections_hold_no_one_else_up_and_memory_stays_bounded(up):
+    pid = gateway_pid(up)
+    before = rss_kib(pid)
+    u = urlsplit(up.endpoint)
+    socks = []
+    try:
+        for _ in range(1000):  # slowloris: a request line and half a header, then nothing
+            s = socket.create_connection((u.hostname, u.port), timeout=10)
+            s.sendall(b"POST /2015-03-31/functions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            socks.append(s)
+        t0 = time.monotonic()
+        status, _, body = send(up, "GET", "/2015-03-31/functions/")
+        took = time.monotonic() - t0
+        assert status == 200, body
+        assert took < 2.0, took  # served at once beside the 1000
+        held = rss_kib(pid) - before
+        print(
+            f"\n1000 slow connections: gateway RSS +{held / 1024:.1f} MiB, a request took {took * 1000:.0f} ms"
+        )
+        assert held < 64 * 1024, held  # < 64 KiB per connection
+    finally:
+        for s in socks:
+            s.close()
+    status, _, _ = send(up, "GET", "/2015-03-31/functions/")
+    assert status == 200
