@@ -38,7 +38,9 @@ def send(up: Up, method: str, path: str, body: bytes = b"", sign=True, when=None
         if when is None:
             signer.add_auth(req)
         else:  # botocore stamps the time itself: sign as a request captured `when`
-            with mock.patch("botocore.auth.get_current_datetime", lambda: when.replace(tzinfo=None)):
+            with mock.patch(
+                "botocore.auth.get_current_datetime", lambda: when.replace(tzinfo=None)
+            ):
                 signer.add_auth(req)
         headers = dict(req.headers.items())
     u = urlsplit(up.endpoint)

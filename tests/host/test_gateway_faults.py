@@ -38,7 +38,7 @@ def up(tmp_path):
     client = boto3.client(
         "lambda", endpoint_url=url, region_name="us-east-1",
         aws_access_key_id=kv["aws_access_key_id"], aws_secret_access_key=kv["aws_secret_access_key"],
-        config=Config(retries={"max_attempts": 1}, read_timeout=300),
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
     )  # fmt: skip
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -105,5 +105,38 @@ def test_a_node_killed_mid_invocation_is_a_clear_error_within_timeout_and_margin
     os.kill(proc(u, "xxnode").pid, signal.SIGKILL)
     t.join(20 + MARGIN + 30)
     assert not t.is_alive()
-    assert out["error"]["Code"] == "ServiceException", out
+    assert out.get("error", {}).get("Code") == "ServiceException", out
     assert out["s"] < 20 + MARGIN + 5, out  # never past the function's timeout plus the margin
+
+
+def event_ran(u: _Up, client, name: str) -> tuple[object, int]:
+    """Send an Event; return (its record once finished, how many times the node ran it)."""
+    from xxnode.ledger.store import open_store
+    from xxnode.node.client import Client
+
+    ev = client.invoke(FunctionName="slow", InvocationType="Event", Payload=b'{"sleep": 3}')
+    rid = ev["ResponseMetadata"]["RequestId"]
+    until(lambda: running(u), "the handler to have the event")
+    os.kill(proc(u, name).pid, signal.SIGKILL)  # `up` starts it again, on its state dir
+    deadline = time.monotonic() + 120
+    with open_store(f"sqlite:///{u.state / 'gateway.db'}") as s:
+        while (inv := s.get_invocation(rid)).status not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, inv
+            time.sleep(0.2)
+    with Client(str(u.state / "xxnode.sock")) as c:
+        logs = c.call({"op": "fn_logs", "ref": "slow"})["invocations"]
+    slept = [r for r in logs if r["response"] == {"slept": 3}]
+    return inv, len(slept)
+
+
+def test_an_event_runs_once_across_kill_9_of_the_gateway_running_it(up):
+    u, client = up
+    inv, runs = event_ran(u, client, "xxgate")
+    assert inv.status == "succeeded" and runs == 1, (inv, runs)
+    assert inv.attempts == 2  # the restarted gateway claimed it again, and asked, not ran
+
+
+def test_an_event_runs_once_across_kill_9_of_the_shard(up):
+    u, client = up
+    inv, runs = event_ran(u, client, "xxshard")
+    assert inv.status == "succeeded" and runs == 1, (inv, runs)

@@ -36,7 +36,7 @@ def client(url: str, creds) -> object:
     return boto3.client(
         "lambda", endpoint_url=url, region_name="us-east-1",
         aws_access_key_id=kv["aws_access_key_id"], aws_secret_access_key=kv["aws_secret_access_key"],
-        config=Config(retries={"max_attempts": 1}, read_timeout=120),
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=120),
     )  # fmt: skip
 
 

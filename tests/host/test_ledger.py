@@ -749,6 +749,25 @@ def test_an_expired_lease_makes_the_event_claimable_again(store: Store, clock: F
     assert store.claim_pending_events(10, "gw-3", 30) == []  # finished stays finished
 
 
+def test_a_renewed_lease_holds_and_a_lapsed_one_cannot_be_renewed(
+    store: Store, clock: FakeClock
+) -> None:
+    store.create_tenant("acme", "low")
+    inv = store.record_event("acme", "f", LATEST, "low", b"{}")
+    [claimed] = store.claim_pending_events(10, "gw-1", 30)
+    clock.advance(20)
+    assert store.renew_lease(inv.id, "gw-1", 30) is True  # now until t=50
+    clock.advance(20)
+    assert store.claim_pending_events(10, "gw-2", 30) == []  # still gw-1's at t=40
+    assert store.renew_lease(inv.id, "gw-2", 30) is False  # not gw-2's to renew
+    clock.advance(11)  # gw-1 fell silent: the lease lapsed at t=50
+    assert store.renew_lease(inv.id, "gw-1", 30) is False
+    [again] = store.claim_pending_events(10, "gw-2", 30)
+    assert again.lease_owner == "gw-2"
+    store.finish_invocation(inv.id, "succeeded", owner="gw-2")
+    assert store.renew_lease(inv.id, "gw-2", 30) is False  # finished
+
+
 def test_concurrent_claimers_never_share_an_event(url: str, store: Store, clock: FakeClock) -> None:
     """200 events, two store objects (as two gateways) with two threads each, claiming in
     small batches at once: every event is claimed exactly once."""

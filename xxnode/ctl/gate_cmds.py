@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from xxnode.config.defaults import builtin_classes
@@ -165,14 +166,25 @@ def _control_plane() -> None:
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(CONTROL_PRIORITY))
 
 
+RESTARTS = 5  # a daemon that dies more often than this in RESTART_WINDOW stops `up`
+RESTART_WINDOW = 60.0
+
+
 class _Up:
-    """The three daemons of a one-machine XX, started in order and stopped in reverse."""
+    """The three daemons of a one-machine XX, started in order and stopped in reverse; one
+    that dies is started again (as systemd's Restart=on-failure would), with the same
+    address, so what it held resumes from its state dir: the shard's journal, the node's
+    journal and cgroups, the gateway's store."""
 
     def __init__(self, state: Path, port: int, store: str | None = None):
         self.state, self.port = state, port
         self.store = store  # None: SQLite in the state dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.again: list[tuple[list[str], bool]] = []  # per proc: argv to restart it, control
+        self.restarts: dict[int, list[float]] = {}
         self.cgroup_root = "xx-up"
+        self.done = threading.Event()
+        self._lock = threading.Lock()
 
     def start(self) -> tuple[str, Path]:
         st = self.state
@@ -191,6 +203,7 @@ class _Up:
         if "listening on" not in line:
             raise _Usage(f"xxshard did not start: {line.strip() or 'no output'}")
         shard_addr = line.split()[-1]
+        self.again[-1] = (self.again[-1][0][:4] + [shard_addr] + self.again[-1][0][5:], True)
         node_toml = st / "node.toml"
         node_toml.write_text(
             f'[node]\nstate_dir = "{st / "node"}"\nsocket = "{st / "xxnode.sock"}"\n'
@@ -201,6 +214,7 @@ class _Up:
         rd, wr = os.pipe()
         self._spawn("xxnode", [py, "-m", "xxnode.node.main", "--config", str(node_toml),
                                "--ready-fd", str(wr)], pass_fds=(wr,))  # fmt: skip
+        self.again[-1] = (self.again[-1][0][:-2], False)  # restarted without the ready fd
         os.close(wr)
         with os.fdopen(rd, "rb") as f:
             if not f.read(1):
@@ -232,7 +246,38 @@ class _Up:
                              preexec_fn=_control_plane if control else None)  # fmt: skip
         log.close()
         self.procs.append((name, p))
+        self.again.append((argv, control))
+        threading.Thread(target=self._watch, args=(len(self.procs) - 1,), daemon=True).start()
         return p
+
+    def _watch(self, i: int) -> None:
+        """Restart daemon i whenever it dies, until `up` stops or it dies too often."""
+        while True:
+            name, p = self.procs[i]
+            p.wait()
+            with self._lock:
+                if self.done.is_set():
+                    return
+                now = time.monotonic()
+                recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW]
+                if len(recent) >= RESTARTS:
+                    print(
+                        f"xxctl up: {name} keeps dying; stopping (logs in {self.state})",
+                        file=sys.stderr,
+                    )
+                    self.done.set()
+                    return
+                self.restarts[i] = recent + [now]
+                print(
+                    f"xxctl up: {name} exited ({p.returncode}); starting it again", file=sys.stderr
+                )
+                argv, control = self.again[i]
+                log = open(self.state / f"{name}.log", "ab")
+                self.procs[i] = (name, subprocess.Popen(
+                    argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                    preexec_fn=_control_plane if control else None,
+                ))  # fmt: skip
+                log.close()
 
     def _credentials(self, db: str) -> Path:
         """The default tenant's key in an AWS shared-credentials file (reused across ups)."""
@@ -252,25 +297,20 @@ class _Up:
         return path
 
     def wait(self) -> int:
-        """Until a signal, or until one of the daemons exits (then all stop, exit 1)."""
-        done = threading.Event()
+        """Until a signal (exit 0), or until a daemon keeps dying (exit 1)."""
+        stopped = threading.Event()
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: done.set())
+            signal.signal(s, lambda *_: (stopped.set(), self.done.set()))
         for name, p in self.procs:
-            threading.Thread(target=lambda p=p: (p.wait(), done.set()), daemon=True).start()
             threading.Thread(
                 target=_drain, args=(p, self.state / f"{name}.log"), daemon=True
             ).start()
-        done.wait()
-        died = [n for n, p in self.procs if p.poll() is not None]
-        if died:
-            print(
-                f"xxctl up: {', '.join(died)} exited; stopping (logs in {self.state})",
-                file=sys.stderr,
-            )
-        return 1 if died else 0
+        self.done.wait()
+        return 0 if stopped.is_set() else 1
 
     def stop(self) -> None:
+        with self._lock:
+            self.done.set()  # no more restarts
         for _name, p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()

@@ -25,6 +25,7 @@ from xxnode.wire import MAX_PAYLOAD
 
 log = logging.getLogger("xxgate")
 POLL_S = 1.0  # events recorded by other gateways (or before a restart) are found this often
+LEASE_S = 15.0  # a claimed event's lease, renewed every third of it while it runs
 
 
 class Invocations:
@@ -117,7 +118,7 @@ class Invocations:
         while True:
             try:
                 claimed = await asyncio.to_thread(
-                    self.store.claim_pending_events, 1, self.owner, 900 + 2 * self.cfg.margin
+                    self.store.claim_pending_events, 1, self.owner, LEASE_S
                 )
             except Exception:
                 log.exception("claiming events failed")
@@ -140,14 +141,29 @@ class Invocations:
         except Exception as e:  # deleted since: the event fails, named
             await self._finish(inv, "failed", {"error": f"function not found: {e}"})
             return
-        out = await self.run(fn, inv.price_class, inv.payload or b"{}")
+        try:
+            jid = uuid.UUID(inv.id).bytes  # the cluster job's id: one grant, ever
+        except ValueError:
+            jid = uuid.uuid5(uuid.NAMESPACE_URL, inv.id).bytes
+        run = asyncio.ensure_future(
+            self.invoker.run_event(self.call(fn, inv.price_class), inv.payload or b"{}", jid,
+                                   again=inv.attempts > 1)
+        )  # fmt: skip
+        while not run.done():  # keep the claim while it runs; let go if it passed on
+            await asyncio.wait({run}, timeout=LEASE_S / 3)
+            if run.done():
+                break
+            if not await asyncio.to_thread(self.store.renew_lease, inv.id, self.owner, LEASE_S):
+                run.cancel()  # another gateway has it now: it asks the cluster, not us
+                return
+        out = run.result()
         if out.failure is not None:
             self.counts["events_failed"] += 1
             await self._finish(inv, "failed", {"error": out.failure})
             return
         self.counts["events_run"] += 1
         status = "failed" if out.function_error else "succeeded"
-        result = {"payload": out.payload.decode("utf-8", "replace")[:65536], "report": out.report}
+        result = {"report": out.report, "node": out.node}
         await self._finish(inv, status, result)
 
     async def _finish(self, inv, status: str, result: dict) -> None:

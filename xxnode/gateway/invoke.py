@@ -8,6 +8,7 @@ clear error, never a hang."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import dataclass
@@ -85,6 +86,54 @@ class Invoker:
                 f"{self.margin:g} s: the node or shard running it may have died"
             )
         return outcome_of(res)
+
+    async def run_event(self, c: Call, payload: bytes, jid: bytes, again: bool) -> Outcome:
+        """An Event, run exactly once: submitted detached under its invocation's id, so the
+        shard (journaled) arbitrates it and grants it once, and its fate outlives this
+        gateway; then asked after by id. ``again``: an earlier claim of it may have
+        submitted it already, so ask before submitting (the same id is never run twice)."""
+        if again:
+            info = await self._ask(jid)
+            if info.get("state") == "unknown" and info.get("reason") != NO_SHARD:
+                again = False  # no shard holds or remembers it: it never got in
+        if not again:
+            try:
+                await self.client.submit(c.cls, self.spec(c), payload, job_id=jid, wait=False)
+            except SubmitError as e:
+                return Outcome(failure=f"the cluster did not take the invocation: {e}")
+        pause = 0.02
+        while True:
+            info = await self._ask(jid)
+            if info.get("state") == "done":
+                return _outcome_of_done(info)
+            await asyncio.sleep(pause)  # nothing announces a detached job's end to us
+            pause = min(pause * 2, 0.5)
+
+    async def _ask(self, jid: bytes) -> dict:
+        try:
+            return await self.client.job(jid, timeout=2.0)
+        except (TimeoutError, OSError) as e:
+            return {"state": "unknown", "reason": NO_SHARD, "error": str(e)}
+
+
+NO_SHARD = "no shard answered"  # cluster/client.py's word for "cannot tell"
+
+
+def _outcome_of_done(info: dict) -> Outcome:
+    """What a shard knows of a finished job, with what its node remembers of it."""
+    res = (info.get("on_node") or {}).get("result") or {}
+    status = info.get("status", res.get("status"))
+    if "report" in res:
+        err = res.get("error")
+        return Outcome(
+            b"", "Unhandled" if err else None, "", res["report"], str(info.get("node", ""))
+        )
+    if status == 0:
+        return Outcome(b"", None, "", None, str(info.get("node", "")))
+    why = res.get("error") or f"status {status}"
+    if status == wire.NODE_LOST:
+        why = f"the node running it ({info.get('node')}) was lost"
+    return Outcome(failure=str(why), node=str(info.get("node", "")))
 
 
 def outcome_of(res: dict) -> Outcome:

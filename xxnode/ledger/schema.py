@@ -938,6 +938,20 @@ class SqlStore(Store):
             )
         return sorted((_inv(r) for r in rows), key=lambda i: (i.created_at, i.id))
 
+    def renew_lease(self, invocation_id: str, owner: str, lease_seconds: float) -> bool:
+        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int | float):
+            raise Invalid(f"lease_seconds must be a number: {lease_seconds!r}")
+        if lease_seconds <= 0:
+            raise Invalid(f"lease_seconds must be positive: {lease_seconds!r}")
+        now = self._clock()
+        with self._tx(True) as tx:
+            rows = tx.rows(
+                "UPDATE invocations SET lease_until = ?, updated_at = ? WHERE id = ? "
+                "AND lease_owner = ? AND status = 'running' AND lease_until > ? RETURNING id",
+                (now + lease_seconds, now, invocation_id, owner, now),
+            )
+        return bool(rows)
+
     def finish_invocation(
         self, invocation_id: str, status: str, result: Any = None, *, owner: str | None = None
     ) -> Invocation:

@@ -310,6 +310,12 @@ class Store(ABC):
         is now `owner`'s until the lease ends. Atomic: no two claimers get the same one."""
 
     @abstractmethod
+    def renew_lease(self, invocation_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend `owner`'s claim to now + lease_seconds while it still holds it; False if
+        the lease already passed to another or the invocation is finished. A short lease,
+        renewed while the event runs, lets a dead gateway's events move on quickly."""
+
+    @abstractmethod
     def finish_invocation(
         self, invocation_id: str, status: str, result: Any = None, *, owner: str | None = None
     ) -> Invocation:

@@ -81,6 +81,9 @@ class NodeExecutor:
             (h, p.local) for h, p in self.placements.items() if p.local
         )
         self.refusals: OrderedDict[str, str] = OrderedDict()  # cluster job hex -> why not run
+        # cluster job hex -> a finished invocation's status, error and report: what `job`
+        # queries (a detached Event's gateway) learn of it; bounded, in memory
+        self.invoked: OrderedDict[str, dict] = OrderedDict()
 
     # -- ledger -------------------------------------------------------------------------
     def placed(self, m: wire.Place, shard: wire.Addr) -> None:
@@ -183,6 +186,12 @@ class NodeExecutor:
             p.invoked = True
             self.node.journal.append({"ev": "invoked", "job": hexid, "t": time.time()})
         res = await pool.invoke(fn, job.payload or b"{}", job.cls)
+        err = res["error"]
+        _keep(self.invoked, hexid, {
+            "status": 0 if err is None else 1,
+            "error": None if err is None else {k: str(v)[:1024] for k, v in err.items() if k != "stackTrace"},
+            "report": res["report"],
+        })  # fmt: skip
         return {
             "status": 0 if res["error"] is None else 1,
             "response": json.dumps(res["response"]),
@@ -206,6 +215,8 @@ class NodeExecutor:
     def describe(self, job: bytes) -> dict:
         """Our job for this cluster job: its state, and once done its result and the tail
         of each stream (what fits a datagram; `submit --wait` gets them whole)."""
+        if (inv := self.invoked.get(job.hex())) is not None:
+            return {"result": inv}
         local = self.local_of.get(job.hex())
         if local is None:
             why = self.refusals.get(job.hex())
@@ -287,7 +298,7 @@ async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> D
     return d
 
 
-def _keep(table: OrderedDict, key: str, value: str) -> None:
+def _keep(table: OrderedDict, key: str, value) -> None:
     """Remember ``key``, forgetting the oldest past KEEP_LOCAL_IDS."""
     table[key] = value
     while len(table) > KEEP_LOCAL_IDS:
