@@ -5,12 +5,15 @@ and the AWS CLI unmodified, SigV4 verified, tenants kept apart, the price class 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
 import subprocess
 import textwrap
 import time
+import urllib.error
+import urllib.request
 import zipfile
 
 import pytest
@@ -117,6 +120,14 @@ def test_boto3_creates_invokes_and_the_class_tag_decides_the_priority(lam):
     assert default["policy"] == os.SCHED_BATCH
     got = lam.get_function(FunctionName="greeter")
     assert got["Configuration"]["CodeSha256"] == made["CodeSha256"] and got["Tags"] == {}
+    # Code.Location downloads the zip for 10 minutes, as Lambda's presigned link does
+    with urllib.request.urlopen(got["Code"]["Location"], timeout=30) as r:
+        data = r.read()
+    assert base64.b64encode(hashlib.sha256(data).digest()).decode() == made["CodeSha256"]
+    bare = got["Code"]["Location"].split("?")[0]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(bare, timeout=30)
+    assert e.value.code == 403
 
 
 def test_a_function_error_and_invoke_types(lam, up):
@@ -284,3 +295,21 @@ def test_xxctl_fn_create_is_the_short_way_with_a_class(lam, up, tmp_path):
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert r.returncode == 2 and "InvalidParameterValueException" in r.stderr
+
+
+def test_published_versions_are_invoked_by_qualifier(lam):
+    v1 = zipped({"app.py": "def handler(e, c):\n    return 'one'\n"})
+    lam.create_function(FunctionName="versioned", Runtime="python3.11", Handler="app.handler",
+                        Role=ROLE, Code={"ZipFile": v1}, Publish=True)  # fmt: skip
+    lam.update_function_code(FunctionName="versioned",
+                             ZipFile=zipped({"app.py": "def handler(e, c):\n    return 'two'\n"}))  # fmt: skip
+    r = lam.invoke(FunctionName="versioned", Qualifier="1")
+    assert json.loads(r["Payload"].read()) == "one" and r["ExecutedVersion"] == "1"
+    r = lam.invoke(FunctionName="versioned")
+    assert json.loads(r["Payload"].read()) == "two" and r["ExecutedVersion"] == "$LATEST"
+    arn1 = lam.get_function(FunctionName="versioned", Qualifier="1")["Configuration"]["FunctionArn"]
+    assert arn1.endswith(":function:versioned:1")
+    assert json.loads(lam.invoke(FunctionName=arn1)["Payload"].read()) == "one"
+    with pytest.raises(ClientError) as e:
+        lam.invoke(FunctionName="versioned", Qualifier="7")
+    assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"

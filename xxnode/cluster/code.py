@@ -33,6 +33,24 @@ def token_ok(key: bytes, digest: str, shown: str | None) -> bool:
     return shown is not None and hmac.compare_digest(token(key, digest), shown)
 
 
+LINK_S = 600  # a download link's life, as Lambda's presigned Code.Location (10 minutes)
+
+
+def link_query(key: bytes, digest: str, now: float) -> str:
+    """The query of a link that lets its holder download one zip until it expires: what
+    GetFunction hands a tenant for its own function's code."""
+    expires = int(now) + LINK_S
+    sig = hmac.new(key, f"xx-link\0{digest}\0{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"expires={expires}&signature={sig}"
+
+
+def link_ok(key: bytes, digest: str, expires: str | None, sig: str | None, now: float) -> bool:
+    if not expires or not sig or not expires.isdigit() or int(expires) < now:
+        return False
+    want = hmac.new(key, f"xx-link\0{digest}\0{expires}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, sig)
+
+
 def fetch(base_url: str, digest: str, key: bytes, limit: int, timeout: float = 60.0) -> bytes:
     """The zip's bytes, checked against ``digest``. Blocking: call it from a worker thread."""
     if not DIGEST_RE.match(digest):

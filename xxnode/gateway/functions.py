@@ -47,8 +47,9 @@ class Functions:
     """One tenant-scoped handler per operation; the caller (server.py) has verified the
     signature and put the tenant in ``request["tenant"]``."""
 
-    def __init__(self, store: Store, classes: ClassTable, region: str, code_url: str):
+    def __init__(self, store: Store, classes: ClassTable, region: str, code_url: str, link):
         self.store, self.classes, self.region, self.code_url = store, classes, region, code_url
+        self.link = link  # digest -> a download URL good for 10 minutes
 
     async def db(self, method, *args, **kw):
         """A store call in a worker thread, its errors as Lambda's."""
@@ -135,7 +136,7 @@ class Functions:
         fn = await self.db(self.store.get_function, request["tenant"], name, q)
         return _json({
             "Configuration": self.configuration(fn),
-            "Code": {"RepositoryType": "S3", "Location": f"{self.code_url}/xx/code/{fn.code_digest}"},
+            "Code": {"RepositoryType": "S3", "Location": self.link(fn.code_digest)},
             "Tags": _visible_tags(fn.tags),
         })  # fmt: skip
 

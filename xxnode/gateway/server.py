@@ -55,7 +55,10 @@ class Gateway:
     def __init__(self, store: Store, cfg, invoker, cluster_key: bytes):
         self.store, self.cfg, self.cluster_key = store, cfg, cluster_key
         self.keys = Keys(store)
-        self.functions = Functions(store, cfg.classes, cfg.region, cfg.code_url)
+        self.functions = Functions(
+            store, cfg.classes, cfg.region, cfg.code_url,
+            lambda d: f"{cfg.code_url}{code_fetch.PATH}{d}?{code_fetch.link_query(cluster_key, d, time.time())}",
+        )  # fmt: skip
         self.invocations = Invocations(store, cfg, invoker, self.functions)
         self.urls = FunctionUrls(store, cfg, self.functions, self.invocations, self.authenticate)
 
@@ -104,12 +107,15 @@ class Gateway:
 
     # -- XX's own routes ------------------------------------------------------------------
     async def code(self, request: web.Request) -> web.Response:
-        """A zip by digest, for a node of this cluster (its token proves it)."""
-        digest = request.match_info["digest"]
-        if not code_fetch.token_ok(
-            self.cluster_key, digest, request.headers.get(code_fetch.HEADER)
-        ):
-            raise errors.access_denied("code by digest is for the cluster's nodes")
+        """A zip by digest, for a node of this cluster (its token proves it) or for the
+        holder of a link GetFunction gave its tenant (good for 10 minutes)."""
+        digest, q, key = request.match_info["digest"], request.query, self.cluster_key
+        node = code_fetch.token_ok(key, digest, request.headers.get(code_fetch.HEADER))
+        link = code_fetch.link_ok(key, digest, q.get("expires"), q.get("signature"), time.time())
+        if not (node or link):
+            raise errors.access_denied(
+                "code by digest is for the cluster's nodes, or a link from GetFunction"
+            )
         data = await asyncio.to_thread(self.store.get_code, digest)
         if data is None:
             raise errors.not_found(f"no code {digest[:80]}")
