@@ -10,6 +10,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -17,6 +18,9 @@ import urllib.request
 import zipfile
 
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from tests.support.xx_up import XXCTL, Up
@@ -313,3 +317,54 @@ def test_published_versions_are_invoked_by_qualifier(lam):
     with pytest.raises(ClientError) as e:
         lam.invoke(FunctionName="versioned", Qualifier="7")
     assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+BIG = """
+def handler(event, context):
+    return "x" * event["n"]
+"""
+
+FLASK = """
+import os
+from flask import Flask, request
+
+app = Flask(__name__)
+
+@app.route("/hello/<name>", methods=["GET", "POST"])
+def hello(name):
+    return {"hello": name, "method": request.method, "q": request.args.get("q")}, 200
+
+if __name__ == "__main__":
+    app.run(port=int(os.environ["PORT"]))
+"""
+
+
+def test_a_6_mib_response_comes_back_whole_and_past_it_is_a_function_error(lam):
+    create(lam, "big", {"app.py": BIG}, Timeout=30)
+    n = 6 * (1 << 20) - 64  # with its JSON quotes, just under Lambda's 6 MiB
+    r, out = invoke(lam, "big", {"n": n})
+    assert "FunctionError" not in r and out == "x" * n
+    r, err = invoke(lam, "big", {"n": 7 << 20})
+    assert r["FunctionError"] == "Unhandled"
+    assert err["errorType"] == "Function.ResponseSizeTooLarge"
+
+
+def test_an_http_function_behind_a_url_gets_the_request_itself(lam, up, tmp_path):
+    create(lam, "flask", {"app.py": FLASK}, Runtime="http", Handler=f"{sys.executable} app.py",
+           Tags={"xx:class": "high"})  # fmt: skip
+    url = lam.create_function_url_config(FunctionName="flask", AuthType="AWS_IAM")["FunctionUrl"]
+    # AWS_IAM: signed with the tenant's key (service lambda), as AWS's function URLs take it
+    req = AWSRequest(method="GET", url=f"{url}hello/xx?q=1")
+    SigV4Auth(Credentials(*up.keys()), "lambda", "us-east-1").add_auth(req)
+    r = urllib.request.urlopen(
+        urllib.request.Request(req.url, headers=dict(req.headers.items())), timeout=60
+    )
+    assert json.loads(r.read()) == {"hello": "xx", "method": "GET", "q": "1"}
+    # another tenant's signature is not enough
+    req = AWSRequest(method="GET", url=f"{url}hello/xx")
+    SigV4Auth(Credentials(*up.tenant("outsider")), "lambda", "us-east-1").add_auth(req)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(
+            urllib.request.Request(req.url, headers=dict(req.headers.items())), timeout=60
+        )
+    assert e.value.code == 403

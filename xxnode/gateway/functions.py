@@ -298,8 +298,10 @@ def _handler(body: Mapping, runtime: str) -> str:
         if runtime.startswith("python"):
             raise invalid_parameter("Handler: required for a python runtime (module.function)")
         return "bootstrap"
-    if "\x00" in h or any(c.isspace() for c in h):
-        raise invalid_parameter("Handler: no spaces or NUL")
+    if "\x00" in h:
+        raise invalid_parameter("Handler: no NUL")
+    if runtime != "http" and any(c.isspace() for c in h):  # http's is a command line
+        raise invalid_parameter("Handler: no spaces (module.function, or the bootstrap)")
     return h
 
 
