@@ -602,3 +602,36 @@ def test_a_bootstrap_that_dies_at_once_is_an_exit_error_not_a_hang(node, tmp_pat
     res = invoke(node, missing, "x", "low", {}, runtime="provided", timeout=3)
     assert res["error"]["errorType"] == "Runtime.SandboxError", res["error"]
     assert "bootstrap" in res["error"]["errorMessage"]
+
+
+ECHO = """
+def handler(event, context):
+    return {"i": event["i"]}
+"""
+
+
+def test_many_concurrent_invocations_of_one_function_each_get_their_own_answer(node, tmp_path):
+    """Invocations arriving together race the cold starts they cause and the environments
+    that just answered: each must be handed to exactly one environment, and answered."""
+    import threading
+
+    code = code_dir(tmp_path, "together", {"app.py": ECHO})
+    for _ in range(4):
+        out: dict = {}
+
+        def one(i: int, out: dict = out) -> None:
+            out[i] = invoke(node, code, "app.handler", "high", {"i": i}, timeout=10)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(48)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(out) == list(range(48))
+        wrong = {
+            i: r for i, r in out.items() if r["error"] is not None or r["response"] != {"i": i}
+        }
+        assert not wrong, wrong
+        envs = {r["report"]["env"] for r in out.values()}
+        assert len(envs) <= 8  # max_concurrency
+    assert "Traceback" not in node.log()

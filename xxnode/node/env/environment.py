@@ -53,6 +53,9 @@ class Environment:
         self.pid = 0
         self.current: Invocation | None = None
         self.orphan: Invocation | None = None  # assigned, never delivered, env died: requeue
+        # spawned for a cold invocation that is handed over once the spawn returns: until
+        # then no other invocation may take it, though its runtime may already be in /next
+        self.reserved = False
         self.delivered = False
         self.reply: Callable[[dict[str, str], bytes], None] | None = None
         self.frozen = False
@@ -74,6 +77,11 @@ class Environment:
         self.loop.add_reader(out_fd, self._read_output)
 
     # -- the pool's side ------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Idle and free for any invocation of its function."""
+        return self.state == "idle" and not self.reserved
+
     def assign(self, inv: Invocation, cls: PriceClass) -> None:
         """Hand `inv` to this environment: its class on every thread, thawed, delivered now
         if the runtime is waiting in /next, else when it asks."""

@@ -186,6 +186,7 @@ class Pool:
             inv.cold = True
             inv.finish(None, "", {"errorType": "Runtime.SandboxError", "errorMessage": str(e)})
             return
+        env.reserved = False
         env.assign(inv, self.classes.get(inv.cls))
 
     async def _spawn(self, fn: FunctionVersion) -> Environment:
@@ -204,6 +205,7 @@ class Pool:
         env = Environment(
             env_id, fn, uid, cg, out_r, self.cfg.response_limit, self._idle, self._dead
         )
+        env.reserved = True  # for the invocation _cold hands it once the spawn returns
         self.envs[env_id] = env
         self.by_key.setdefault(fn.key, []).append(env)
         self.by_uid[uid] = env
@@ -249,12 +251,14 @@ class Pool:
         idle = [
             warm_pool.IdleEnv(e.env_id, key, e.idle_since, 0, e.init_ms, False)
             for e in mine
-            if e.state == "idle"
+            if e.available
         ]
         pick = warm_pool.pick_idle(idle, key)
         if pick is not None:
             return self.envs[pick.env_id]
-        return next((e for e in mine if e.state == "answered"), None)
+        # an answered one keeps that state until its next /next, holding what it was given
+        free = (e for e in mine if e.state == "answered" and e.current is None and not e.reserved)
+        return next(free, None)
 
     def _count(self, key: str) -> int:
         return len(self.by_key.get(key, ()))
@@ -262,6 +266,8 @@ class Pool:
     # -- environment events -------------------------------------------------------------------
     def _idle(self, env: Environment) -> None:
         """An environment asks for work: the best waiting invocation of its function, if any."""
+        if env.reserved:  # its own cold invocation is on its way
+            return
         q = self.waiting.get(env.fn.key)
         if q:
             _, _, inv = heapq.heappop(q)
@@ -312,7 +318,7 @@ class Pool:
         return [
             warm_pool.IdleEnv(e.env_id, e.fn.key, e.idle_since, 0, e.init_ms, False)
             for e in self.envs.values()
-            if e.state == "idle"
+            if e.available
         ]
 
     def _policy(self) -> warm_pool.PoolPolicy:
@@ -360,7 +366,7 @@ class Pool:
         now = time.monotonic()
         views, by_id = [], {}
         for e in self.envs.values():
-            if e.state == "idle":
+            if e.available:
                 mem = e.resident()
                 views.append(warm_pool.IdleEnv(e.env_id, e.fn.key, e.idle_since, mem, e.init_ms))
                 by_id[e.env_id] = mem
