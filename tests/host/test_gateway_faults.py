@@ -140,3 +140,18 @@ def test_an_event_runs_once_across_kill_9_of_the_shard(up):
     u, client = up
     inv, runs = event_ran(u, client, "xxshard")
     assert inv.status == "succeeded" and runs == 1, (inv, runs)
+
+
+def test_two_ups_on_one_machine_keep_to_their_own(up, tmp_path):
+    u, client = up
+    other = _Up(tmp_path / "other", 0)
+    assert other.cgroup_root != u.cgroup_root
+    assert other.functions["uid_first"] != u.functions["uid_first"]
+    try:
+        other.start()  # its node clears only its own earlier run
+        r = client.invoke(FunctionName="slow", Payload=b"{}")
+        assert json.loads(r["Payload"].read()) == {"slept": 0}
+    finally:
+        other.stop()  # and kills only its own cgroup tree
+    r = client.invoke(FunctionName="slow", Payload=b"{}")
+    assert json.loads(r["Payload"].read()) == {"slept": 0} and "FunctionError" not in r

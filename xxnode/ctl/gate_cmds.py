@@ -13,6 +13,7 @@ profile `default`, of that tenant). Ctrl-C or SIGTERM stops everything; no proce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -182,7 +183,11 @@ class _Up:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.again: list[tuple[list[str], bool]] = []  # per proc: argv to restart it, control
         self.restarts: dict[int, list[float]] = {}
-        self.cgroup_root = "xx-up"
+        # a cgroup subtree and a uid range of this state dir's own: two `up`s on one machine
+        # (or a test's beside a user's) must neither clear nor share each other's
+        h = int(hashlib.sha256(str(state).encode()).hexdigest()[:8], 16)
+        self.cgroup_root = f"xx-up-{h:08x}"
+        self.functions: dict = {"uid_first": 1_000_000 + h % 4096 * 10_000, "uid_count": 10_000}
         self.done = threading.Event()
         self._lock = threading.Lock()
 
@@ -210,6 +215,7 @@ class _Up:
             f'cgroup_root = "{self.cgroup_root}"\n'
             f'[cluster]\nshards = ["{shard_addr}"]\nkey_file = "{key}"\n'
             f'listen = "127.0.0.1:0"\nnode_id = "local"\n'
+            "[functions]\n" + "".join(f"{k} = {v!r}\n" for k, v in self.functions.items())
         )
         rd, wr = os.pipe()
         self._spawn("xxnode", [py, "-m", "xxnode.node.main", "--config", str(node_toml),
