@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import time
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -35,6 +36,7 @@ RUNTIMES = frozenset(
     {f"python3.{n}" for n in range(8, 15)} | {"provided", "provided.al2", "provided.al2023", "http"}
 )
 MAX_ENV_BYTES = 4096  # Lambda: the variables' total size
+FN_TTL = 1.0  # seconds an invoked function's record is served from memory (below)
 MAX_TAGS = 50
 
 
@@ -50,6 +52,7 @@ class Functions:
     def __init__(self, store: Store, classes: ClassTable, region: str, code_url: str, link):
         self.store, self.classes, self.region, self.code_url = store, classes, region, code_url
         self.link = link  # digest -> a download URL good for 10 minutes
+        self._recent: dict[tuple[str, str, str], tuple[float, Function]] = {}
 
     async def db(self, method, *args, **kw):
         """A store call in a worker thread, its errors as Lambda's."""
@@ -61,6 +64,26 @@ class Functions:
             raise conflict(str(e)) from None
         except Invalid as e:
             raise invalid_parameter(str(e)) from None
+
+    async def current(self, tenant: str, name: str, qualifier: str) -> Function:
+        """The record an invocation runs, read from the store at most once per FN_TTL: the
+        store read and its thread hop were a tenth of the gateway's time per Invoke. This
+        gateway's own changes drop it at once; another gateway's show within FN_TTL (a miss
+        is never kept, so a new function is seen at once)."""
+        now = time.monotonic()
+        key = (tenant, name, qualifier)
+        hit = self._recent.get(key)
+        if hit is not None and now - hit[0] < FN_TTL:
+            return hit[1]
+        fn = await self.db(self.store.get_function, tenant, name, qualifier)
+        if len(self._recent) > 10_000:
+            self._recent.clear()
+        self._recent[key] = (now, fn)
+        return fn
+
+    def _forget(self, tenant: str, name: str) -> None:
+        for key in [k for k in self._recent if k[0] == tenant and k[1] == name]:
+            del self._recent[key]
 
     # -- shapes -------------------------------------------------------------------------
     def configuration(self, fn: Function) -> dict:
@@ -121,6 +144,7 @@ class Functions:
             raise invalid_parameter(str(e)) from None
         if body.get("Publish") is True:
             made = await self.db(self.store.publish_version, tenant, name)
+        self._forget(tenant, name)
         return _json(self.configuration(made), 201)
 
     async def put_code(self, zipped: bytes) -> str:
@@ -165,6 +189,7 @@ class Functions:
         if q != LATEST:
             raise invalid_parameter("Deleting one version is not supported: delete the function")
         await self.db(self.store.delete_function, request["tenant"], name)
+        self._forget(request["tenant"], name)
         return web.Response(status=204)
 
     async def update_code(self, request: web.Request) -> web.Response:
@@ -185,6 +210,7 @@ class Functions:
         )  # fmt: skip
         if body.get("Publish") is True:
             fn = await self.db(self.store.publish_version, tenant, name)
+        self._forget(tenant, name)
         return _json(self.configuration(fn))
 
     async def update_configuration(self, request: web.Request) -> web.Response:
@@ -208,6 +234,7 @@ class Functions:
         if body.get("Role"):
             await self.db(self.store.tag_function, tenant, name, {"xx:role": _str(body, "Role")})
             fn = await self.db(self.store.get_function, tenant, name)
+        self._forget(tenant, name)
         return _json(self.configuration(fn))
 
     async def publish(self, request: web.Request) -> web.Response:
@@ -217,6 +244,7 @@ class Functions:
             self.store.publish_version, request["tenant"], name,
             description=body.get("Description"), expect_revision=body.get("RevisionId"),
         )  # fmt: skip
+        self._forget(request["tenant"], name)
         return _json(self.configuration(fn), 201)
 
     # -- tags: by ARN ---------------------------------------------------------------------
@@ -231,6 +259,7 @@ class Functions:
         body = await _json_body(request)
         tags = _tags(body.get("Tags"), self.classes, required=True)
         await self.db(self.store.tag_function, request["tenant"], name, tags)
+        self._forget(request["tenant"], name)
         return web.Response(status=204)
 
     async def untag(self, request: web.Request) -> web.Response:
@@ -239,6 +268,7 @@ class Functions:
         if not keys:
             raise invalid_parameter("TagKeys: at least one key")
         await self.db(self.store.untag_function, request["tenant"], name, keys)
+        self._forget(request["tenant"], name)
         return web.Response(status=204)
 
     async def list_tags(self, request: web.Request) -> web.Response:

@@ -47,7 +47,7 @@ class Invocations:
                 f"X-Amz-Invocation-Type: {itype[:32]!r} is not RequestResponse, Event or DryRun"
             )
         payload = await _payload(request)
-        fn = await self.functions.db(self.store.get_function, tenant, name, qualifier)
+        fn = await self.functions.current(tenant, name, qualifier)
         cls = await self.class_of(fn)
         if itype == "DryRun":
             return web.Response(status=204)
@@ -73,7 +73,7 @@ class Invocations:
         tenant = request["tenant"]
         name, qualifier = self.functions.function_name_of(request)
         payload = await _payload(request)
-        fn = await self.functions.db(self.store.get_function, tenant, name, qualifier)
+        fn = await self.functions.current(tenant, name, qualifier)
         cls = await self.class_of(fn)
         await self.functions.db(
             self.store.record_event, tenant, fn.name, qualifier, cls, payload,

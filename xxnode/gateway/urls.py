@@ -90,7 +90,7 @@ class FunctionUrls:
             tenant = await self.authenticate(request, body)
             if tenant != u.tenant:
                 raise errors.access_denied("Forbidden")
-        fn = await self.functions.db(self.store.get_function, u.tenant, u.function, u.qualifier)
+        fn = await self.functions.current(u.tenant, u.function, u.qualifier)
         cls = await self.invocations.class_of(fn)
         event = event_of(request, url_id, tail or "/", body, self.cfg.region)
         out = await self.invocations.run(fn, cls, json.dumps(event).encode())
