@@ -132,3 +132,37 @@ def test_1000_slow_connections_hold_no_one_else_up_and_memory_stays_bounded(up):
             s.close()
     status, _, _ = send(up, "GET", "/2015-03-31/functions/")
     assert status == 200
+
+
+def test_large_bodies_at_once_are_bounded_by_a_429_with_retry_after(up):
+    """Bodies are read whole (their signature covers them): past the gateway's budget of
+    bodies in flight a request is throttled as Lambda throttles, and memory stays bounded."""
+    pid = gateway_pid(up)
+    before = rss_kib(pid)
+    u = urlsplit(up.endpoint)
+    held = []
+    try:
+        for _ in range(4):  # each announces 70 MB and sends 1 MB of it, then waits
+            s = socket.create_connection((u.hostname, u.port), timeout=10)
+            s.sendall(b"PUT /2015-03-31/functions/x/code HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 73400320\r\n\r\n" + b"{" * (1 << 20))  # fmt: skip
+            held.append(s)
+        deadline = time.monotonic() + 30
+        while True:  # the four are being read: the next large one is refused
+            s = socket.create_connection((u.hostname, u.port), timeout=10)
+            s.sendall(b"PUT /2015-03-31/functions/x/code HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 73400320\r\n\r\n")  # fmt: skip
+            head = s.recv(4096).decode(errors="replace")
+            s.close()
+            if " 429 " in head.split("\r\n")[0]:
+                break
+            assert time.monotonic() < deadline, head
+        assert "x-amzn-ErrorType: TooManyRequestsException" in head and "Retry-After: 1" in head
+        status, _, _ = send(up, "GET", "/2015-03-31/functions/")  # small requests still pass
+        assert status == 200
+        r = up.client().list_functions()  # boto3's GET carries no Content-Length at all
+        assert "Functions" in r
+        assert rss_kib(pid) - before < 300 * 1024  # the budget (4 x 72 MiB), not more
+    finally:
+        for s in held:
+            s.close()

@@ -26,6 +26,10 @@ from xxnode.ledger.store import Store
 
 log = logging.getLogger("xxgate")
 MAX_BODY = 72 * 1024 * 1024  # a 50 MiB zip, base64 in JSON
+# Request bodies held at once, across all connections (a body is read whole, to check its
+# signature): what bounds the gateway's memory under many large uploads. Past it, 429 with
+# Retry-After, as Lambda throttles.
+BODY_BUDGET = 4 * MAX_BODY
 KEY_TTL = 5.0  # seconds a looked-up access key is trusted before it is read again
 _AKID = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 
@@ -55,6 +59,7 @@ class Gateway:
     def __init__(self, store: Store, cfg, invoker, cluster_key: bytes):
         self.store, self.cfg, self.cluster_key = store, cfg, cluster_key
         self.keys = Keys(store)
+        self.body_bytes = 0  # request bodies being read or held now (BODY_BUDGET)
         self.functions = Functions(
             store, cfg.classes, cfg.region, cfg.code_url,
             lambda d: f"{cfg.code_url}{code_fetch.PATH}{d}?{code_fetch.link_query(cluster_key, d, time.time())}",
@@ -155,9 +160,20 @@ class Gateway:
             return await self.urls.serve(request, url_id, request.path)
         if request.path.startswith((code_fetch.PATH, "/xx-url/")):
             return await handler(request)
-        body = await request.read()
-        request["tenant"] = await self.authenticate(request, body)
-        return await handler(request)
+        size = min(request.content_length or 0, MAX_BODY)
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            size = MAX_BODY  # no length given: assume the most it may be
+        if self.body_bytes + size > BODY_BUDGET:
+            raise errors.too_many_requests(
+                1, message="Rate exceeded: too many large requests at once; retry shortly"
+            )
+        self.body_bytes += size
+        try:
+            body = await request.read()
+            request["tenant"] = await self.authenticate(request, body)
+            return await handler(request)
+        finally:
+            self.body_bytes -= size
 
 
 def _url_host(request: web.Request) -> str | None:
