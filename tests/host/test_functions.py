@@ -632,6 +632,8 @@ def test_many_concurrent_invocations_of_one_function_each_get_their_own_answer(n
             i: r for i, r in out.items() if r["error"] is not None or r["response"] != {"i": i}
         }
         assert not wrong, wrong
-        envs = {r["report"]["env"] for r in out.values()}
-        assert len(envs) <= 8  # max_concurrency
+        # (over a round more than max_concurrency environments may serve: one over the idle
+        # cap is killed as it goes idle, and a later invocation starts another)
+        alive = [e for e in node.call({"op": "fn_envs"})["envs"] if e["function"] == "together"]
+        assert len(alive) <= 8, alive  # max_concurrency alive at once
     assert "Traceback" not in node.log()

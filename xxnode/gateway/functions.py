@@ -237,6 +237,21 @@ class Functions:
         self._forget(tenant, name)
         return _json(self.configuration(fn))
 
+    async def list_versions(self, request: web.Request) -> web.Response:
+        name, _ = self.function_name_of(request)
+        try:
+            max_items = int(request.query.get("MaxItems", "50"))
+        except ValueError:
+            raise invalid_parameter("MaxItems: an integer from 1 to 10000") from None
+        fns, marker = await self.db(
+            self.store.list_versions, request["tenant"], name, request.query.get("Marker"),
+            max(1, min(max_items, 10000)),
+        )  # fmt: skip
+        out: dict = {"Versions": [self.configuration(f) for f in fns]}
+        if marker:
+            out["NextMarker"] = marker
+        return _json(out)
+
     async def publish(self, request: web.Request) -> web.Response:
         name, _ = self.function_name_of(request)
         body = await _json_body(request, empty_ok=True)

@@ -96,6 +96,7 @@ class Gateway:
         r.add_put(base + "/{name}/configuration", f.update_configuration)
         r.add_put(base + "/{name}/code", f.update_code)
         r.add_post(base + "/{name}/versions", f.publish)
+        r.add_get(base + "/{name}/versions", f.list_versions)
         r.add_post(base + "/{name}/invocations", i.invoke)
         r.add_post("/2014-11-13/functions/{name}/invoke-async/", i.invoke_async)
         r.add_post("/2017-03-31/tags/{arn}", f.tag)
