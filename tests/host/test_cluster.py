@@ -69,9 +69,10 @@ def test_kill_9_a_shard_mid_run(cluster_factory):
     async def go():
         async with ClusterClient(cl.shard_addrs, cl.key, spread=True) as c:
             await wait_registered(c, 3)
-            task = asyncio.ensure_future(submit_all(c, 400, seed=2, window=100))
-            while sum(1 for p in c.pending.values() if p.result) < 10 and not task.done():
-                await asyncio.sleep(0.01)  # results land in client state: polled
+            done: dict = {}
+            task = asyncio.ensure_future(submit_all(c, 400, seed=2, window=100, results=done))
+            while len(done) < 10 and not task.done():
+                await asyncio.sleep(0.01)  # results land as jobs end: polled
             assert not task.done()
             victim.send_signal(signal.SIGKILL)  # mid-run: most jobs not yet submitted
             ids, results = await task

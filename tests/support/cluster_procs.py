@@ -246,11 +246,12 @@ def assert_exactly_once(cluster: Cluster, results: dict[bytes, dict], ids: list[
         assert ran[jid.hex()] == 1, f"job {jid.hex()} reported done but ran {ran[jid.hex()]}x"
 
 
-async def submit_all(client, n, seed=1, window=100, timeout=60.0):
-    """Submit n jobs with at most ``window`` outstanding; returns ids and results."""
+async def submit_all(client, n, seed=1, window=100, timeout=60.0, results=None):
+    """Submit n jobs with at most ``window`` outstanding; returns ids and results.
+    ``results``, if given, fills as each job ends (a caller can watch the run's progress)."""
     rng = random.Random(seed)
     ids: list[bytes] = []
-    results: dict[bytes, dict] = {}
+    results = {} if results is None else results
     sem = asyncio.Semaphore(window)
 
     async def one(cls, spec):
