@@ -32,3 +32,15 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_file(path, parse, default):
+    """A daemon's config file through its `parse`, every mistake naming the file first;
+    no path: `default()` (every default, the built-in classes)."""
+    if not path:
+        return default()
+    try:
+        return parse(read_toml(path), str(path))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None

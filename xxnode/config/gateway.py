@@ -4,10 +4,9 @@ what `xx:class` may name, and each one's price)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from dataclasses import replace as replace
 
 from xxnode.classes import ClassTable, parse_classes
-from xxnode.config.defaults import builtin_classes, read_toml
+from xxnode.config.defaults import builtin_classes, load_file
 from xxnode.schema import ConfigError, Key, check
 
 KEYS = (
@@ -62,10 +61,4 @@ def parse(data: object, source: str = "") -> GatewayConfig:
 
 def load(path: str | None) -> GatewayConfig:
     """No file: every default, the built-in classes."""
-    if not path:
-        return GatewayConfig()
-    try:
-        return parse(read_toml(path), str(path))
-    except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    return load_file(path, parse, GatewayConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xxnode.classes import ClassTable, parse_classes
-from xxnode.config.defaults import builtin_classes, read_toml
+from xxnode.config.defaults import builtin_classes, load_file
 from xxnode.schema import ConfigError, Key, check
 
 KEYS = (
@@ -58,10 +58,4 @@ def parse(data: object, source: str = "") -> ShardConfig:
 
 def load(path: str | None) -> ShardConfig:
     """No file: every default, the built-in classes."""
-    if not path:
-        return ShardConfig()
-    try:
-        return parse(read_toml(path), str(path))
-    except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    return load_file(path, parse, ShardConfig)

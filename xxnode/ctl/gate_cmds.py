@@ -201,14 +201,17 @@ class _Up:
             os.write(fd, secrets.token_hex(32).encode())
             os.close(fd)
         py = sys.executable
-        shard = self._spawn("xxshard", [py, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0",
-                                        "--key-file", str(key), "--state-dir", str(st / "shard")],
-                            control=True)  # fmt: skip
+
+        def shard_argv(listen: str) -> list[str]:
+            return [py, "-m", "xxnode.shard.main", "--listen", listen, "--key-file", str(key),
+                    "--state-dir", str(st / "shard")]  # fmt: skip
+
+        shard = self._spawn("xxshard", shard_argv("127.0.0.1:0"), control=True)
         line = shard.stdout.readline()
         if "listening on" not in line:
             raise _Usage(f"xxshard did not start: {line.strip() or 'no output'}")
         shard_addr = line.split()[-1]
-        self.again[-1] = (self.again[-1][0][:4] + [shard_addr] + self.again[-1][0][5:], True)
+        self.again[-1] = (shard_argv(shard_addr), True)  # restarted on the address it has
         node_toml = st / "node.toml"
         node_toml.write_text(
             f'[node]\nstate_dir = "{st / "node"}"\nsocket = "{st / "xxnode.sock"}"\n'
@@ -218,9 +221,9 @@ class _Up:
             "[functions]\n" + "".join(f"{k} = {v!r}\n" for k, v in self.functions.items())
         )
         rd, wr = os.pipe()
-        self._spawn("xxnode", [py, "-m", "xxnode.node.main", "--config", str(node_toml),
-                               "--ready-fd", str(wr)], pass_fds=(wr,))  # fmt: skip
-        self.again[-1] = (self.again[-1][0][:-2], False)  # restarted without the ready fd
+        node_argv = [py, "-m", "xxnode.node.main", "--config", str(node_toml)]
+        self._spawn("xxnode", node_argv + ["--ready-fd", str(wr)], pass_fds=(wr,))
+        self.again[-1] = (node_argv, False)  # restarted without the ready fd
         os.close(wr)
         with os.fdopen(rd, "rb") as f:
             if not f.read(1):
@@ -246,11 +249,9 @@ class _Up:
         return f"http://127.0.0.1:{port}"
 
     def _spawn(self, name: str, argv: list[str], pass_fds=(), control: bool = False):
-        log = open(self.state / f"{name}.log", "ab")
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                             text=True, pass_fds=pass_fds, start_new_session=True,
-                             preexec_fn=_control_plane if control else None)  # fmt: skip
-        log.close()
+        """Started with its first line on a pipe (its address, for the shard and the
+        gateway); watched and restarted from then on."""
+        p = self._popen(name, argv, control, piped=True, pass_fds=pass_fds)
         self.procs.append((name, p))
         self.again.append((argv, control))
         threading.Thread(target=self._watch, args=(len(self.procs) - 1,), daemon=True).start()
@@ -278,12 +279,18 @@ class _Up:
                     f"xxctl up: {name} exited ({p.returncode}); starting it again", file=sys.stderr
                 )
                 argv, control = self.again[i]
-                log = open(self.state / f"{name}.log", "ab")
-                self.procs[i] = (name, subprocess.Popen(
-                    argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                    preexec_fn=_control_plane if control else None,
-                ))  # fmt: skip
-                log.close()
+                self.procs[i] = (name, self._popen(name, argv, control, piped=False))
+
+    def _popen(self, name: str, argv: list[str], control: bool, piped: bool, pass_fds=()):
+        log = open(self.state / f"{name}.log", "ab")
+        try:
+            return subprocess.Popen(
+                argv, stdout=subprocess.PIPE if piped else log, stderr=log,
+                stdin=subprocess.DEVNULL, text=True, pass_fds=pass_fds, start_new_session=True,
+                preexec_fn=_control_plane if control else None,
+            )  # fmt: skip
+        finally:
+            log.close()
 
     def _credentials(self, db: str) -> Path:
         """The default tenant's key in an AWS shared-credentials file (reused across ups)."""

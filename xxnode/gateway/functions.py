@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -444,7 +443,3 @@ def _zip_file(code: object) -> bytes:
     if "ZipFile" not in code:
         raise invalid_parameter("Code: only ZipFile (a directly uploaded zip) is supported")
     return _b64(code["ZipFile"], "Code.ZipFile")
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -35,7 +35,6 @@ class Invocations:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._default_class: dict[str, str] = {}
-        self.counts = {"events_run": 0, "events_failed": 0}
 
     # -- the API ------------------------------------------------------------------------
     async def invoke(self, request: web.Request) -> web.Response:
@@ -158,10 +157,8 @@ class Invocations:
                 return
         out = run.result()
         if out.failure is not None:
-            self.counts["events_failed"] += 1
             await self._finish(inv, "failed", {"error": out.failure})
             return
-        self.counts["events_run"] += 1
         status = "failed" if out.function_error else "succeeded"
         result = {"report": out.report, "node": out.node}
         await self._finish(inv, status, result)

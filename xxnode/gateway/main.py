@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             "listen": args.listen, "store": args.store, "public_url": args.public_url,
             "shards": tuple(s.strip() for s in args.shards.split(",")) if args.shards else None,
         }  # fmt: skip
-        cfg = gateway_config.replace(cfg, **{k: v for k, v in over.items() if v})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v})
         if args.event_workers is not None:
             if args.event_workers < 0:
                 raise ConfigError("--event-workers: a number >= 0")
-            cfg = gateway_config.replace(cfg, event_workers=args.event_workers)
+            cfg = dataclasses.replace(cfg, event_workers=args.event_workers)
         if cfg.listen.endswith(":0") and not cfg.public_url:
             raise ConfigError("gateway.public_url: needed when listening on port 0")
         key_file = args.key_file or os.environ.get(ENV_KEY) or cfg.key_file

@@ -69,18 +69,15 @@ class Gateway:
 
     async def authenticate(self, request: web.Request, body: bytes) -> str:
         """The tenant whose key signed this request, or the AWS error saying why not."""
-        auth = request.headers.get("Authorization", "")
-        m = _AKID.search(auth)
-        found = await self.keys.get(m[1]) if m else None
+        m = _AKID.search(request.headers.get("Authorization", ""))
+        found = await self.keys.get(m[1]) if m else None  # (secret, tenant): looked up first
         raw_path, _, query = request.raw_path.partition("?")
-        v = sigv4.verify(
+        sigv4.verify(
             request.method, raw_path, query, request.headers, body,
-            lambda k: found[0] if found and m and k == m[1] else None,
+            lambda k: found[0] if found and k == m[1] else None,
             datetime.now(UTC), region=self.cfg.region,
         )  # fmt: skip
-        assert found is not None  # verify refused an unknown key already
-        del v
-        return found[1]
+        return found[1]  # verify accepts no key but the one found above
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])

@@ -917,10 +917,7 @@ class SqlStore(Store):
             raise Invalid(f"limit must be a positive integer: {limit!r}")
         if not isinstance(owner, str) or not owner:
             raise Invalid(f"owner must be a non-empty string: {owner!r}")
-        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int | float):
-            raise Invalid(f"lease_seconds must be a number: {lease_seconds!r}")
-        if lease_seconds <= 0:
-            raise Invalid(f"lease_seconds must be positive: {lease_seconds!r}")
+        _check_lease(lease_seconds)
         now = self._clock()
         # One statement claims: the inner SELECT picks (and, on PostgreSQL, row-locks,
         # skipping rows another claimer holds), the UPDATE takes them. The redundant
@@ -939,10 +936,7 @@ class SqlStore(Store):
         return sorted((_inv(r) for r in rows), key=lambda i: (i.created_at, i.id))
 
     def renew_lease(self, invocation_id: str, owner: str, lease_seconds: float) -> bool:
-        if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int | float):
-            raise Invalid(f"lease_seconds must be a number: {lease_seconds!r}")
-        if lease_seconds <= 0:
-            raise Invalid(f"lease_seconds must be positive: {lease_seconds!r}")
+        _check_lease(lease_seconds)
         now = self._clock()
         with self._tx(True) as tx:
             rows = tx.rows(
@@ -979,3 +973,10 @@ class SqlStore(Store):
     def schema_version(self) -> int:
         with self._tx(False) as tx:
             return int(tx.rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
+
+
+def _check_lease(lease_seconds: object) -> None:
+    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int | float):
+        raise Invalid(f"lease_seconds must be a number: {lease_seconds!r}")
+    if lease_seconds <= 0:
+        raise Invalid(f"lease_seconds must be positive: {lease_seconds!r}")
