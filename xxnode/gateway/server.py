@@ -95,6 +95,7 @@ class Gateway:
         r.add_post(base + "/{name}/versions", f.publish)
         r.add_get(base + "/{name}/versions", f.list_versions)
         r.add_post(base + "/{name}/invocations", i.invoke)
+        r.add_get("/2020-06-30/functions/{name}/code-signing-config", f.code_signing)
         r.add_post("/2014-11-13/functions/{name}/invoke-async/", i.invoke_async)
         r.add_post("/2017-03-31/tags/{arn}", f.tag)
         r.add_delete("/2017-03-31/tags/{arn}", f.untag)
