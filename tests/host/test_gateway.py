@@ -222,13 +222,32 @@ def test_tenants_see_invoke_and_change_only_their_own(lam, up):
     for call in (
         lambda: other.get_function(FunctionName="private"),
         lambda: other.invoke(FunctionName="private"),
-        lambda: other.invoke(FunctionName=mine["FunctionArn"]),
         lambda: other.delete_function(FunctionName="private"),
         lambda: other.tag_resource(Resource=mine["FunctionArn"], Tags={"xx:class": "high"}),
-    ):
+        lambda: other.add_permission(FunctionName=mine["FunctionArn"], StatementId="s",
+                                     Action="lambda:InvokeFunction", Principal="*"),
+    ):  # fmt: skip
         with pytest.raises(ClientError) as e:
             call()
         assert e.value.response["Error"]["Code"] == "ResourceNotFoundException", call
+    # Invoke by another account's ARN: denied alike whether the function is there or not,
+    # until its owner grants the caller's account (AddPermission, Lambda's resource policy)
+    rival_acct = other.get_function(FunctionName=create(other, "probe")["FunctionName"])[
+        "Configuration"]["FunctionArn"].split(":")[4]  # fmt: skip
+    for ref in (mine["FunctionArn"], mine["FunctionArn"] + "-not-there"):
+        with pytest.raises(ClientError) as e:
+            other.invoke(FunctionName=ref)
+        assert e.value.response["Error"]["Code"] == "AccessDeniedException"
+    lam.add_permission(FunctionName="private", StatementId="rival", Principal=rival_acct,
+                       Action="lambda:InvokeFunction")  # fmt: skip
+    assert "rival" in lam.get_policy(FunctionName="private")["Policy"]
+    assert lam.list_tags(Resource=mine["FunctionArn"])["Tags"] == {}  # the policy is not a tag
+    _, out = invoke(other, mine["FunctionArn"], {"who": "rival"})
+    assert out["who"] == "rival" and out["function"] == "private"
+    lam.remove_permission(FunctionName="private", StatementId="rival")
+    with pytest.raises(ClientError) as e:
+        other.invoke(FunctionName=mine["FunctionArn"])
+    assert e.value.response["Error"]["Code"] == "AccessDeniedException"
     # the same name is another function in another tenant
     theirs = create(other, "private")
     assert theirs["FunctionArn"] != mine["FunctionArn"]

@@ -10,6 +10,8 @@ its max_timeout, its user): node/jobs.validate.
     env      extra environment: NAME -> value (a function's: its environment variables)
     cwd      an absolute directory on the node
     timeout  wall-clock seconds, > 0
+    caller   an invocation's call chain (gateway/invocations.py plan): who pays a premium,
+             the depth, the function's own class; the node bills by it
     sleep    SyntheticExecutor only (tests, benchmarks): hold a slot this long
     spin     SyntheticExecutor only: burn a CPU this long
 """
@@ -46,6 +48,12 @@ class FunctionRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     memory_mb: Annotated[int, msgspec.Meta(ge=128, le=10240)] | None = None
 
 
+class Chain(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    payer: Word
+    depth: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
+    own_class: Word | None = None
+
+
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     argv: Annotated[list[Arg], msgspec.Meta(max_length=4096)] = []
     function: FunctionRef | None = None
@@ -54,6 +62,7 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     timeout: Seconds | None = None
     sleep: Held | None = None
     spin: Held | None = None
+    caller: Chain | None = None
 
 
 def spec_error(spec: object) -> str | None:

@@ -1,4 +1,4 @@
-"""xxctl tenant create | list | set, and xxctl up — the gateway's side of xxctl.
+"""xxctl tenant create | list | set | key, xxctl bill, and xxctl up — the gateway's side of xxctl.
 
 `tenant` commands act on the gateway's store: --store URL, else $XX_STORE, else the store
 of `xxctl up`'s state dir (/var/lib/xx/up). `tenant create` prints an access key id and
@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 from xxnode.config.defaults import builtin_classes
-from xxnode.ledger.store import Conflict, LedgerError, NotFound, open_store
+from xxnode.ledger.bill import bill_doc, bill_text
+from xxnode.ledger.store import KEEP, Conflict, LedgerError, NotFound, open_store
+from xxnode.policy.budget import month_of
 
 UP_DIR = Path("/var/lib/xx/up")
 DEFAULT_TENANT = "default"
@@ -54,8 +56,17 @@ def register(sub) -> None:
     p = add("set", "change a tenant", cmd_set)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--default-class", metavar="C")
+    p.add_argument("--budget", metavar="AMOUNT",
+                   help="monthly budget in µ¢ (the classes' price unit); 'none' removes it")  # fmt: skip
     p = add("key", "a new access key for a tenant (the secret is shown once)", cmd_key)
     p.add_argument("name", metavar="NAME")
+
+    b = sub.add_parser("bill", help="a month's usage and cost, per function and class")
+    b.add_argument("--tenant", metavar="T", help="one tenant (default: every tenant)")
+    b.add_argument("--month", metavar="YYYY-MM", help="default: this month (UTC)")
+    b.add_argument("--store", metavar="URL", help="sqlite:///PATH or postgresql://...")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.set_defaults(func=lambda args: _guard(cmd_bill, args), command="bill")
 
     u = sub.add_parser("up", help="a whole XX on this machine: gateway, shard, node")
     u.add_argument("--state-dir", type=Path, default=UP_DIR, help=f"default {UP_DIR}")
@@ -139,19 +150,50 @@ def cmd_list(args) -> int:
 
 
 def cmd_set(args) -> int:
+    budget = KEEP
+    if args.budget is not None:
+        budget = None if args.budget.lower() == "none" else _amount(args.budget)
     with _store(args) as s:
         try:
             t = s.set_tenant(
                 args.name,
                 default_class=_class_ok(args.default_class) if args.default_class else None,
+                budget=budget,
             )
         except NotFound:
             raise _Usage(f"no tenant {args.name!r}") from None
+    doc = {"tenant": t.name, "default_class": t.default_class, "budget": t.budget}
+    shown = "none" if t.budget is None else f"{t.budget:g} µ¢ per month"
     print(
-        json.dumps({"tenant": t.name, "default_class": t.default_class})
+        json.dumps(doc)
         if args.json
-        else f"{t.name}: default class {t.default_class}"
+        else f"{t.name}: default class {t.default_class}, budget {shown}"
     )
+    return 0
+
+
+def _amount(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise _Usage(f"--budget: a number of µ¢ or 'none', not {text[:32]!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise _Usage("--budget: a positive number of µ¢ per month")
+    return v
+
+
+def cmd_bill(args) -> int:
+    month = args.month or month_of(time.time())
+    with _store(args) as s:
+        names = [args.tenant] if args.tenant else [t.name for t in s.list_tenants()]
+        try:
+            docs = [bill_doc(s, n, month) for n in names]
+        except NotFound:
+            raise _Usage(f"no tenant {args.tenant!r}") from None
+    if args.json:
+        print(json.dumps(docs[0] if args.tenant else docs, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(bill_text(d) for d in docs))
     return 0
 
 

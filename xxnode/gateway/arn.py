@@ -54,6 +54,12 @@ def parse(ref: str, tenant: str, region: str) -> FunctionRef:
     return FunctionRef(m["name"], q)
 
 
+def account_in(ref: str) -> str | None:
+    """The 12-digit account a FunctionName's ARN (or partial ARN) names, if it names one."""
+    m = _REF.match(ref) if len(ref) <= 170 else None
+    return None if m is None else (m["acct"] or m["acct2"])
+
+
 def qualified(ref: FunctionRef, query_qualifier: str | None) -> str:
     """$LATEST unless the name or ?Qualifier= says otherwise; both saying different things is
     Lambda's InvalidParameterValueException."""

@@ -53,6 +53,7 @@ register("TooManyRequestsException", 429)
 register("ServiceException", 500, message_key="Message", fault="Service")
 register("UnsupportedMediaTypeException", 415)
 register("InvalidRequestContentException", 400)
+register("RecursiveInvocationException", 400, message_key="Message")
 # what Lambda's front door sends for a body over the operation's limit (not in the model,
 # so boto3 raises a plain ClientError with this code, as against AWS)
 register("RequestEntityTooLargeException", 413, fault=None)
@@ -201,6 +202,10 @@ def service_error(message: str) -> AwsError:
 
 def unsupported_media_type(message: str) -> AwsError:
     return AwsError("UnsupportedMediaTypeException", message)
+
+
+def recursive(message: str) -> AwsError:
+    return AwsError("RecursiveInvocationException", message)
 
 
 def invalid_request_content(message: str) -> AwsError:

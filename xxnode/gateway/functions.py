@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
 from collections.abc import Mapping
 
@@ -30,6 +31,8 @@ from xxnode.ledger.store import (
     Store,
 )
 from xxnode.node.env.code import MAX_UNPACKED, MAX_ZIPPED, CodeError, check_zip
+
+ALLOW_TAG = "xx:allow:"  # hidden tags: a resource policy's statements, sid -> account
 
 RUNTIMES = frozenset(
     {f"python3.{n}" for n in range(8, 15)} | {"provided", "provided.al2", "provided.al2023", "http"}
@@ -52,6 +55,7 @@ class Functions:
         self.store, self.classes, self.region, self.code_url = store, classes, region, code_url
         self.link = link  # digest -> a download URL good for 10 minutes
         self._recent: dict[tuple[str, str, str], tuple[float, Function]] = {}
+        self._accounts: dict[str, str] = {}  # 12-digit account -> tenant
 
     async def db(self, method, *args, **kw):
         """A store call in a worker thread, its errors as Lambda's."""
@@ -114,10 +118,82 @@ class Functions:
     def configuration_arn(self, tenant: str, name: str, qualifier: str) -> str:
         return arn.function_arn(tenant, self.region, name, qualifier)
 
-    def function_name_of(self, request: web.Request) -> tuple[str, str]:
-        """(name, qualifier) from the path's FunctionName and ?Qualifier=."""
-        ref = arn.parse(request.match_info["name"], request["tenant"], self.region)
+    def function_name_of(self, request: web.Request, owner: str | None = None) -> tuple[str, str]:
+        """(name, qualifier) from the path's FunctionName and ?Qualifier=; ``owner``: the
+        tenant whose ARN it may be (Invoke across tenants), else the caller's own."""
+        ref = arn.parse(request.match_info["name"], owner or request["tenant"], self.region)
         return ref.name, arn.qualified(ref, request.query.get("Qualifier"))
+
+    async def owner_of(self, request: web.Request) -> str | None:
+        """The tenant whose account the FunctionName's ARN names (the caller's own when it
+        names none); None: no tenant has that account."""
+        acct = arn.account_in(request.match_info["name"])
+        tenant = request["tenant"]
+        if acct is None or acct == arn.account_of(tenant):
+            return tenant
+        if acct not in self._accounts:
+            for t in await self.db(self.store.list_tenants):
+                self._accounts[arn.account_of(t.name)] = t.name
+        return self._accounts.get(acct)
+
+    @staticmethod
+    def allows(fn: Function, account: str) -> bool:
+        """Has the function's resource policy (AddPermission) granted ``account`` Invoke?"""
+        return any(
+            k.startswith(ALLOW_TAG) and v in (account, "*") for k, v in fn.tags.items()
+        )  # fmt: skip
+
+    # -- resource policy: AddPermission, GetPolicy, RemovePermission (Invoke only) ---------
+    async def add_permission(self, request: web.Request) -> web.Response:
+        name, _ = self.function_name_of(request)
+        body = await _json_body(request)
+        sid = _str(body, "StatementId", required=True)
+        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,100}", sid):
+            raise invalid_parameter("StatementId: 1 to 100 of [a-zA-Z0-9-_]")
+        action = _str(body, "Action", required=True)
+        if action not in ("lambda:InvokeFunction", "lambda:*"):
+            raise invalid_parameter("Action: XX grants lambda:InvokeFunction only")
+        principal = _str(body, "Principal", required=True)
+        m = re.fullmatch(r"(?:arn:aws:iam::)?(\d{12})(?::root)?|(\*)", principal)
+        if m is None:
+            raise invalid_parameter("Principal: an account id, its root ARN, or *")
+        account = m[1] or "*"
+        fn = await self.db(self.store.get_function, request["tenant"], name)
+        if ALLOW_TAG + sid in fn.tags:
+            raise conflict(f"The statement id ({sid}) provided already exists.")
+        await self.db(self.store.tag_function, request["tenant"], name, {ALLOW_TAG + sid: account})
+        self._forget(request["tenant"], name)
+        return _json({"Statement": json.dumps(self._statement(fn, sid, account))}, 201)
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        name, _ = self.function_name_of(request)
+        fn = await self.db(self.store.get_function, request["tenant"], name)
+        stmts = [
+            self._statement(fn, k[len(ALLOW_TAG):], v)
+            for k, v in sorted(fn.tags.items()) if k.startswith(ALLOW_TAG)
+        ]  # fmt: skip
+        if not stmts:
+            raise not_found("The resource you requested does not exist.")
+        policy = {"Version": "2012-10-17", "Id": "default", "Statement": stmts}
+        return _json({"Policy": json.dumps(policy), "RevisionId": fn.revision_id})
+
+    async def remove_permission(self, request: web.Request) -> web.Response:
+        name, _ = self.function_name_of(request)
+        sid = request.match_info["sid"]
+        fn = await self.db(self.store.get_function, request["tenant"], name)
+        if ALLOW_TAG + sid not in fn.tags:
+            raise not_found(f"Statement {sid[:100]} is not found in resource policy.")
+        await self.db(self.store.untag_function, request["tenant"], name, [ALLOW_TAG + sid])
+        self._forget(request["tenant"], name)
+        return web.Response(status=204)
+
+    def _statement(self, fn: Function, sid: str, account: str) -> dict:
+        who = "*" if account == "*" else f"arn:aws:iam::{account}:root"
+        return {
+            "Sid": sid, "Effect": "Allow", "Principal": {"AWS": who},
+            "Action": "lambda:InvokeFunction",
+            "Resource": arn.function_arn(fn.tenant, self.region, fn.name),
+        }  # fmt: skip
 
     # -- operations ---------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
@@ -429,7 +505,7 @@ def _tags(tags: object, classes: ClassTable, required: bool = False) -> dict[str
 
 
 def _visible_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if k != "xx:role"}
+    return {k: v for k, v in tags.items() if k != "xx:role" and not k.startswith(ALLOW_TAG)}
 
 
 def _default_role(tenant: str) -> str:

@@ -18,9 +18,12 @@ import uuid
 
 from aiohttp import web
 
-from xxnode.gateway import errors
-from xxnode.gateway.invoke import Call, Invoker, Outcome
+from xxnode.gateway import arn, errors
+from xxnode.gateway.budgets import Budgets
+from xxnode.gateway.invoke import Call, Invoker
 from xxnode.ledger.store import LATEST, Function, Store
+from xxnode.ledger.usage import MAX_DEPTH
+from xxnode.policy.budget import DEGRADE, NORMAL, THROTTLE
 from xxnode.wire import MAX_PAYLOAD
 
 log = logging.getLogger("xxgate")
@@ -29,8 +32,11 @@ LEASE_S = 15.0  # a claimed event's lease, renewed every third of it while it ru
 
 
 class Invocations:
-    def __init__(self, store: Store, cfg, invoker: Invoker, functions):
+    def __init__(self, store: Store, cfg, invoker: Invoker, functions, budgets: Budgets):
         self.store, self.cfg, self.invoker, self.functions = store, cfg, invoker, functions
+        self.budgets = budgets
+        self.classes = cfg.classes
+        self.cheapest = min(cfg.classes, key=lambda c: c.price).name
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -38,29 +44,29 @@ class Invocations:
 
     # -- the API ------------------------------------------------------------------------
     async def invoke(self, request: web.Request) -> web.Response:
-        tenant = request["tenant"]
-        name, qualifier = self.functions.function_name_of(request)
+        owner = await self.functions.owner_of(request)
+        name, qualifier = self.functions.function_name_of(request, owner)
         itype = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         if itype not in ("RequestResponse", "Event", "DryRun"):
             raise errors.invalid_parameter(
                 f"X-Amz-Invocation-Type: {itype[:32]!r} is not RequestResponse, Event or DryRun"
             )
         payload = await _payload(request)
-        fn = await self.functions.current(tenant, name, qualifier)
-        cls = await self.class_of(fn)
+        fn = await self.function_for(request, owner, name, qualifier)
+        cls, chain, headers = await self.plan(fn, request.get("caller"))
         if itype == "DryRun":
-            return web.Response(status=204)
+            return web.Response(status=204, headers=headers)
         if itype == "Event":
             inv = await self.functions.db(
-                self.store.record_event, tenant, fn.name, qualifier, cls, payload,
-                invocation_id=request["request_id"],
+                self.store.record_event, fn.tenant, fn.name, qualifier, cls, payload,
+                invocation_id=request["request_id"], context=chain,
             )  # fmt: skip
             self._wake.set()
-            return web.Response(status=202, headers={"x-amzn-RequestId": inv.id})
-        out = await self.invoker.invoke(self.call(fn, cls), payload)
+            return web.Response(status=202, headers=headers | {"x-amzn-RequestId": inv.id})
+        out = await self.invoker.invoke(self.call(fn, cls, chain), payload)
         if out.failure is not None:
             raise errors.service_error(out.failure)
-        headers = {"X-Amz-Executed-Version": fn.version}
+        headers["X-Amz-Executed-Version"] = fn.version
         if out.function_error:
             headers["X-Amz-Function-Error"] = out.function_error
         if request.headers.get("X-Amz-Log-Type") == "Tail":
@@ -69,17 +75,17 @@ class Invocations:
 
     async def invoke_async(self, request: web.Request) -> web.Response:
         """The deprecated InvokeAsync: an Event invocation, answered 202 {"Status": 202}."""
-        tenant = request["tenant"]
-        name, qualifier = self.functions.function_name_of(request)
+        owner = await self.functions.owner_of(request)
+        name, qualifier = self.functions.function_name_of(request, owner)
         payload = await _payload(request)
-        fn = await self.functions.current(tenant, name, qualifier)
-        cls = await self.class_of(fn)
+        fn = await self.function_for(request, owner, name, qualifier)
+        cls, chain, headers = await self.plan(fn, request.get("caller"))
         await self.functions.db(
-            self.store.record_event, tenant, fn.name, qualifier, cls, payload,
-            invocation_id=request["request_id"],
+            self.store.record_event, fn.tenant, fn.name, qualifier, cls, payload,
+            invocation_id=request["request_id"], context=chain,
         )  # fmt: skip
         self._wake.set()
-        return web.json_response({"Status": 202}, status=202)
+        return web.json_response({"Status": 202}, status=202, headers=headers)
 
     # -- shared with function URLs ----------------------------------------------------------
     async def class_of(self, fn: Function) -> str:
@@ -92,15 +98,68 @@ class Invocations:
             cls = self._default_class[fn.tenant] = t.default_class
         return cls
 
-    def call(self, fn: Function, cls: str) -> Call:
+    def call(self, fn: Function, cls: str, chain: dict | None = None) -> Call:
         return Call(
             tenant=fn.tenant, name=fn.name, version=fn.version, digest=fn.code_digest,
             runtime=fn.runtime, handler=fn.handler, timeout=fn.timeout,
-            memory_mb=fn.memory_mb, env=dict(fn.environment), cls=cls,
+            memory_mb=fn.memory_mb, env=dict(fn.environment), cls=cls, chain=chain,
         )  # fmt: skip
 
-    async def run(self, fn: Function, cls: str, payload: bytes) -> Outcome:
-        return await self.invoker.invoke(self.call(fn, cls), payload)
+    async def run(self, fn: Function, cls: str, payload: bytes, chain: dict | None = None):
+        return await self.invoker.invoke(self.call(fn, cls, chain), payload)
+
+    async def function_for(
+        self, request: web.Request, owner: str | None, name: str, qualifier: str
+    ) -> Function:
+        """The caller's own function, or another tenant's that granted the caller's account
+        lambda:InvokeFunction (AddPermission). Not granted and not there look the same."""
+        tenant = request["tenant"]
+        if owner == tenant:
+            return await self.functions.current(tenant, name, qualifier)
+        denied = errors.access_denied(
+            f"User: {arn.account_of(tenant)} is not authorized to perform: "
+            f"lambda:InvokeFunction on resource: {request.match_info['name'][:170]}"
+        )
+        if owner is None:
+            raise denied
+        try:
+            fn = await self.functions.current(owner, name, qualifier)
+        except errors.AwsError:
+            raise denied from None
+        if not self.functions.allows(fn, arn.account_of(tenant)):
+            raise denied
+        return fn
+
+    async def plan(self, fn: Function, ctx: dict | None) -> tuple[str, dict, dict]:
+        """(effective class, the chain the node bills by, response headers): the function's
+        class, or the cheapest while its tenant is over its budget's pace (or 429 when far
+        over); then, inside a call chain, max(the caller's effective class, that) — paid
+        for, above the callee's own price, by whoever's class it inherits."""
+        d = await self.budgets.decide(fn.tenant)
+        headers = budget_headers(d)
+        if d.state == THROTTLE:
+            raise errors.too_many_requests(
+                d.retry_after, reason="CallerRateLimitExceeded",
+                message=f"Rate exceeded: this month's spend is past its budget's pace; "
+                f"retry after {d.retry_after:.0f} s",
+            )  # fmt: skip
+        own = self.cheapest if d.state == DEGRADE else await self.class_of(fn)
+        if ctx is None:
+            return own, {"payer": fn.tenant, "depth": 0, "own_class": own}, headers
+        depth = ctx["depth"] + 1
+        if depth > MAX_DEPTH:
+            raise errors.recursive(
+                f"the call chain is {depth} calls deep: more than {MAX_DEPTH} nested calls "
+                "(a recursive loop?) are refused"
+            )
+        mine, theirs = self.classes.get(own), self.classes.get(ctx["class"])
+        payer = ctx.get("payer") or ctx["tenant"]
+        if theirs is None or mine is None or theirs.rank <= mine.rank:
+            return own, {"payer": fn.tenant, "depth": depth, "own_class": own}, headers
+        if payer != fn.tenant and (await self.budgets.decide(payer)).state != NORMAL:
+            # the premium would be the payer's, and its budget says no more spend
+            return own, {"payer": fn.tenant, "depth": depth, "own_class": own}, headers
+        return theirs.name, {"payer": payer, "depth": depth, "own_class": own}, headers
 
     # -- the event workers ------------------------------------------------------------------
     def start(self) -> None:
@@ -145,8 +204,8 @@ class Invocations:
         except ValueError:
             jid = uuid.uuid5(uuid.NAMESPACE_URL, inv.id).bytes
         run = asyncio.ensure_future(
-            self.invoker.run_event(self.call(fn, inv.price_class), inv.payload or b"{}", jid,
-                                   again=inv.attempts > 1)
+            self.invoker.run_event(self.call(fn, inv.price_class, inv.context),
+                                   inv.payload or b"{}", jid, again=inv.attempts > 1)
         )  # fmt: skip
         while not run.done():  # keep the claim while it runs; let go if it passed on
             await asyncio.wait({run}, timeout=LEASE_S / 3)
@@ -170,6 +229,16 @@ class Invocations:
             )
         except Exception:
             log.exception("event %s: finishing failed", inv.id)
+
+
+def budget_headers(d) -> dict[str, str]:
+    """What a tenant's invocations are told of its budget (XX's own headers)."""
+    out = {}
+    if d.state != NORMAL:
+        out["X-XX-Budget"] = d.state
+    if d.warnings:
+        out["X-XX-Budget-Warning"] = f"{max(d.warnings):.0%} of this month's budget spent"
+    return out
 
 
 async def _payload(request: web.Request) -> bytes:

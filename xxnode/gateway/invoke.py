@@ -32,7 +32,8 @@ class Call:
     timeout: float
     memory_mb: int
     env: dict[str, str]
-    cls: str
+    cls: str  # the effective class it runs at
+    chain: dict | None = None  # {payer, depth, own_class}: the node bills by it, callees inherit
 
 
 @dataclass
@@ -69,7 +70,10 @@ class Invoker:
             "handler": c.handler, "name": c.name, "version": c.version, "tenant": c.tenant,
             "memory_mb": c.memory_mb,
         }  # fmt: skip
-        return {"function": fn, "timeout": c.timeout, "env": dict(c.env)}
+        spec = {"function": fn, "timeout": c.timeout, "env": dict(c.env)}
+        if c.chain:
+            spec["caller"] = dict(c.chain)
+        return spec
 
     async def invoke(self, c: Call, payload: bytes, job_id: bytes | None = None) -> Outcome:
         try:

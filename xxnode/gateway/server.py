@@ -8,6 +8,7 @@ Stateless itself: everything lives in the store, so several gateways can share o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -16,13 +17,17 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from xxnode.cluster import caller, usage_link
 from xxnode.cluster import code as code_fetch
 from xxnode.gateway import errors, sigv4
+from xxnode.gateway.budgets import Budgets
 from xxnode.gateway.errors import AwsError, to_response_parts
 from xxnode.gateway.functions import Functions
 from xxnode.gateway.invocations import Invocations
 from xxnode.gateway.urls import FunctionUrls
+from xxnode.ledger.bill import bill_doc
 from xxnode.ledger.store import Store
+from xxnode.policy.budget import month_of
 
 log = logging.getLogger("xxgate")
 MAX_BODY = 72 * 1024 * 1024  # a 50 MiB zip, base64 in JSON
@@ -64,7 +69,8 @@ class Gateway:
             store, cfg.classes, cfg.region, cfg.code_url,
             lambda d: f"{cfg.code_url}{code_fetch.PATH}{d}?{code_fetch.link_query(cluster_key, d, time.time())}",
         )  # fmt: skip
-        self.invocations = Invocations(store, cfg, invoker, self.functions)
+        self.budgets = Budgets(store)
+        self.invocations = Invocations(store, cfg, invoker, self.functions, self.budgets)
         self.urls = FunctionUrls(store, cfg, self.functions, self.invocations, self.authenticate)
 
     async def authenticate(self, request: web.Request, body: bytes) -> str:
@@ -94,6 +100,9 @@ class Gateway:
         r.add_put(base + "/{name}/code", f.update_code)
         r.add_post(base + "/{name}/versions", f.publish)
         r.add_get(base + "/{name}/versions", f.list_versions)
+        r.add_post(base + "/{name}/policy", f.add_permission)
+        r.add_get(base + "/{name}/policy", f.get_policy)
+        r.add_delete(base + "/{name}/policy/{sid}", f.remove_permission)
         r.add_post(base + "/{name}/invocations", i.invoke)
         r.add_get("/2020-06-30/functions/{name}/code-signing-config", f.code_signing)
         r.add_post("/2014-11-13/functions/{name}/invoke-async/", i.invoke_async)
@@ -106,6 +115,8 @@ class Gateway:
         r.add_put(urls, u.update)
         r.add_delete(urls, u.delete)
         r.add_get(code_fetch.PATH + "{digest}", self.code)
+        r.add_post(usage_link.PATH, self.usage)
+        r.add_get("/xx/bill", self.bill)
         r.add_route("*", "/xx-url/{url_id}{tail:(/.*)?}", u.serve)
         return app
 
@@ -124,6 +135,36 @@ class Gateway:
         if data is None:
             raise errors.not_found(f"no code {digest[:80]}")
         return web.Response(body=data, content_type="application/zip")
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """Usage records from a node (its cluster-key token over the body proves it): into
+        the ledger, once per id; the answer is what the node may forget."""
+        if (request.content_length or 0) > usage_link.MAX_BODY:
+            raise errors.too_large()
+        body = await request.content.read(usage_link.MAX_BODY + 1)
+        if len(body) > usage_link.MAX_BODY:
+            raise errors.too_large()
+        if not usage_link.token_ok(self.cluster_key, body, request.headers.get(usage_link.HEADER)):
+            raise errors.access_denied("usage records are for the cluster's nodes")
+        try:
+            records = json.loads(body)["records"]
+        except (ValueError, KeyError, TypeError):
+            raise errors.invalid_request_content("a JSON object with records") from None
+        if not isinstance(records, list) or len(records) > usage_link.MAX_BATCH:
+            raise errors.invalid_request_content(
+                f"records: a list of at most {usage_link.MAX_BATCH}"
+            )
+        acked, rejected = await asyncio.to_thread(self.store.record_usage, records)
+        return web.json_response({"acked": acked, "rejected": rejected})
+
+    async def bill(self, request: web.Request) -> web.Response:
+        """GET /xx/bill?month=YYYY-MM: the signing tenant's own bill (XX's extension)."""
+        month = request.query.get("month") or month_of(time.time())
+        try:
+            doc = await asyncio.to_thread(bill_doc, self.store, request["tenant"], month)
+        except ValueError as e:
+            raise errors.invalid_parameter(str(e)) from None
+        return web.json_response(doc)
 
     # -- middlewares ----------------------------------------------------------------------
     @web.middleware
@@ -157,7 +198,7 @@ class Gateway:
     async def _auth(self, request: web.Request, handler):
         if (url_id := _url_host(request)) is not None:  # URL_ID.lambda-url.REGION.on.aws
             return await self.urls.serve(request, url_id, request.path)
-        if request.path.startswith((code_fetch.PATH, "/xx-url/")):
+        if request.path.startswith((code_fetch.PATH, "/xx-url/", usage_link.PATH)):
             return await handler(request)
         size = min(request.content_length or 0, MAX_BODY)
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
@@ -169,7 +210,15 @@ class Gateway:
         self.body_bytes += size
         try:
             body = await request.read()
-            request["tenant"] = await self.authenticate(request, body)
+            vouched = request.headers.get(caller.HEADER)
+            if vouched is not None:  # a handler's call, through its node's Lambda proxy
+                try:
+                    ctx = caller.verify(self.cluster_key, vouched, time.time())
+                except caller.BadCaller as e:
+                    raise errors.access_denied(str(e)) from None
+                request["tenant"], request["caller"] = ctx["tenant"], ctx
+            else:
+                request["tenant"] = await self.authenticate(request, body)
             return await handler(request)
         finally:
             self.body_bytes -= size

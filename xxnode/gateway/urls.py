@@ -91,9 +91,9 @@ class FunctionUrls:
             if tenant != u.tenant:
                 raise errors.access_denied("Forbidden")
         fn = await self.functions.current(u.tenant, u.function, u.qualifier)
-        cls = await self.invocations.class_of(fn)
+        cls, chain, _ = await self.invocations.plan(fn, None)  # its budget: degrade or 429
         event = event_of(request, url_id, tail or "/", body, self.cfg.region)
-        out = await self.invocations.run(fn, cls, json.dumps(event).encode())
+        out = await self.invocations.run(fn, cls, json.dumps(event).encode(), chain)
         if out.failure is not None or out.function_error:
             # Lambda answers a failed function URL invocation with a bare 502
             return web.json_response({"Message": "Internal Server Error"}, status=502)

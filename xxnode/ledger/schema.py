@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from xxnode.ledger import usage
 from xxnode.ledger.store import (
     AUTH_TYPES,
     FINISHED,
@@ -128,6 +129,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Only the events still to run, oldest first: what claim_pending_events scans.
         """CREATE INDEX invocations_claimable ON invocations (created_at, id)
             WHERE invocation_type = 'Event' AND status IN ('accepted', 'running')""",
+    ),
+    (  # 2: usage records (the bill), and the caller's context an Event carries
+        # One row per finished invocation, keyed by its cluster job id: a node resends
+        # until acknowledged, and a resent record is the same row (exactly once).
+        # cost: the owner's; premium: the payer's (0 unless another tenant raised it).
+        """CREATE TABLE usage (
+            id TEXT PRIMARY KEY,
+            tenant {key} NOT NULL,
+            function_name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            price_class TEXT NOT NULL,
+            own_class TEXT NOT NULL,
+            payer {key} NOT NULL,
+            depth INTEGER NOT NULL,
+            node TEXT NOT NULL,
+            month TEXT NOT NULL,
+            finished_at DOUBLE PRECISION NOT NULL,
+            cpu_s DOUBLE PRECISION NOT NULL,
+            gb_s DOUBLE PRECISION NOT NULL,
+            cpu_price DOUBLE PRECISION NOT NULL,
+            own_cpu_price DOUBLE PRECISION NOT NULL,
+            memory_price DOUBLE PRECISION NOT NULL,
+            cost DOUBLE PRECISION NOT NULL,
+            premium DOUBLE PRECISION NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX usage_by_tenant ON usage (tenant, month)",
+        "CREATE INDEX usage_by_payer ON usage (payer, month)",
+        "ALTER TABLE invocations ADD COLUMN context TEXT",
     ),
 )
 
@@ -240,7 +269,11 @@ _VERSIONED = ("runtime", "handler", "timeout", "memory_mb", "environment", "code
 _URL_COLS = "url_id, tenant, function_name, qualifier, auth_type, cors, created_at, modified_at"
 _INV_COLS = (
     "id, tenant, function_name, qualifier, price_class, invocation_type, status, payload, "
-    "result, attempts, lease_owner, lease_until, created_at, updated_at"
+    "result, attempts, lease_owner, lease_until, created_at, updated_at, context"
+)
+_USAGE_COLS = (
+    "id, tenant, function_name, version, price_class, own_class, payer, depth, node, "
+    "finished_at, cpu_s, gb_s, cpu_price, own_cpu_price, memory_price"
 )
 
 
@@ -292,6 +325,7 @@ def _inv(r: tuple[Any, ...]) -> Invocation:
         lease_until=None if r[11] is None else float(r[11]),
         created_at=float(r[12]),
         updated_at=float(r[13]),
+        context=None if r[14] is None else json.loads(r[14]),
     )
 
 
@@ -816,6 +850,7 @@ class SqlStore(Store):
         payload: bytes,
         *,
         invocation_id: str | None = None,
+        context: dict | None = None,
     ) -> Invocation:
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise Invalid("payload must be bytes")
@@ -830,6 +865,7 @@ class SqlStore(Store):
             "accepted",
             bytes(payload),
             invocation_id,
+            context,
         )
 
     def record_request(
@@ -862,6 +898,7 @@ class SqlStore(Store):
         status: str,
         payload: bytes | None,
         invocation_id: str | None,
+        context: dict | None = None,
     ) -> Invocation:
         check_class(price_class)
         inv_id = invocation_id or str(uuid.uuid4())
@@ -876,7 +913,7 @@ class SqlStore(Store):
                 raise Conflict(f"invocation {inv_id} exists")
             tx.run(
                 f"INSERT INTO invocations ({_INV_COLS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     inv_id,
                     tenant,
@@ -892,6 +929,7 @@ class SqlStore(Store):
                     None,
                     now,
                     now,
+                    None if context is None else _json(context),
                 ),
             )
             return self._invocation(tx, inv_id)
@@ -970,9 +1008,100 @@ class SqlStore(Store):
             )
             return self._invocation(tx, invocation_id)
 
+    # -- usage and the bill
+
+    def record_usage(self, records: Sequence[object]) -> tuple[list[str], dict[str, str]]:
+        now = self._clock()
+        taken: list[str] = []
+        rejected: dict[str, str] = {}
+        good: list[usage.Usage] = []
+        for doc in records:
+            try:
+                good.append(usage.parse(doc))
+            except usage.BadRecord as e:
+                rid = doc.get("id") if isinstance(doc, dict) else None
+                rejected[str(rid)[:256] if rid else "?"] = str(e)
+        with self._tx(True) as tx:
+            for u in good:
+                # a resent record is the row already there: acknowledged, not counted twice
+                tx.run(
+                    f"INSERT INTO usage ({_USAGE_COLS}, month, cost, premium, recorded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO NOTHING",
+                    (u.id, u.tenant, u.function, u.version, u.price_class, u.own_class,
+                     u.payer, u.depth, u.node, u.finished_at, u.cpu_s, u.gb_s, u.cpu_price,
+                     u.own_cpu_price, u.memory_price, u.month, u.cost, u.premium, now),
+                )  # fmt: skip
+                taken.append(u.id)
+        return taken, rejected
+
+    def usage_records(self, tenant: str | None = None, month: str | None = None) -> list:
+        where, params = _usage_filter(tenant, month)
+        with self._tx(False) as tx:
+            rows = tx.rows(f"SELECT {_USAGE_COLS} FROM usage{where} ORDER BY id", params)
+        return [_usage(r) for r in rows]
+
+    def bill(self, tenant: str, month: str) -> list:
+        with self._tx(False) as tx:
+            own = tx.rows(
+                "SELECT function_name, price_class, COUNT(*), SUM(cpu_s), SUM(gb_s), "
+                "SUM(cost) FROM usage WHERE tenant = ? AND month = ? "
+                "GROUP BY function_name, price_class ORDER BY function_name, price_class",
+                (tenant, month),
+            )
+            raised = tx.rows(
+                "SELECT tenant, function_name, price_class, COUNT(*), SUM(cpu_s), "
+                "SUM(premium) FROM usage WHERE payer = ? AND month = ? AND tenant <> payer "
+                "GROUP BY tenant, function_name, price_class "
+                "ORDER BY tenant, function_name, price_class",
+                (tenant, month),
+            )
+        lines = [
+            usage.BillLine(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), float(r[5]))
+            for r in own
+        ]
+        lines += [
+            usage.BillLine(r[1], r[2], int(r[3]), float(r[4]), 0.0, float(r[5]), r[0], True)
+            for r in raised
+        ]
+        return lines
+
+    def month_spend(self, tenant: str, month: str) -> float:
+        with self._tx(False) as tx:
+            a = tx.rows(
+                "SELECT COALESCE(SUM(cost), 0) FROM usage WHERE tenant = ? AND month = ?",
+                (tenant, month),
+            )[0][0]
+            b = tx.rows(
+                "SELECT COALESCE(SUM(premium), 0) FROM usage WHERE payer = ? AND month = ? "
+                "AND tenant <> payer",
+                (tenant, month),
+            )[0][0]
+        return float(a) + float(b)
+
     def schema_version(self) -> int:
         with self._tx(False) as tx:
             return int(tx.rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
+
+
+def _usage_filter(tenant: str | None, month: str | None) -> tuple[str, tuple]:
+    conds, params = [], []
+    if tenant is not None:
+        conds.append("tenant = ?")
+        params.append(tenant)
+    if month is not None:
+        conds.append("month = ?")
+        params.append(month)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), tuple(params)
+
+
+def _usage(r: tuple[Any, ...]):
+    return usage.Usage(
+        id=r[0], tenant=r[1], function=r[2], version=r[3], price_class=r[4], own_class=r[5],
+        payer=r[6], depth=int(r[7]), node=r[8], finished_at=float(r[9]), cpu_s=float(r[10]),
+        gb_s=float(r[11]), cpu_price=float(r[12]), own_cpu_price=float(r[13]),
+        memory_price=float(r[14]),
+    )  # fmt: skip
 
 
 def _check_lease(lease_seconds: object) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -150,6 +150,7 @@ class Invocation:
     lease_until: float | None
     created_at: float
     updated_at: float
+    context: dict | None = None  # an Event's caller: {payer, depth, own_class} (inheritance)
 
 
 class Store(ABC):
@@ -285,6 +286,7 @@ class Store(ABC):
         payload: bytes,
         *,
         invocation_id: str | None = None,
+        context: dict | None = None,
     ) -> Invocation:
         """An accepted Event invocation, durable when this returns (Lambda's 202 may follow)."""
 
@@ -322,6 +324,24 @@ class Store(ABC):
         """succeeded/failed, once. With `owner`, Conflict if the lease passed to another."""
 
     # -- the store itself
+    @abstractmethod
+    # -- usage (the bill): records from nodes, each kept once by its id
+    @abstractmethod
+    def record_usage(self, records: Sequence[object]) -> tuple[list[str], dict[str, str]]:
+        """(ids now in the ledger, {id: why} for records refused); a record already there
+        is acknowledged again and not added twice."""
+
+    @abstractmethod
+    def usage_records(self, tenant: str | None = None, month: str | None = None) -> list: ...
+    @abstractmethod
+    def bill(self, tenant: str, month: str) -> list:
+        """BillLines: per function and class the tenant owns, then premium lines for calls
+        it raised in other tenants."""
+
+    @abstractmethod
+    def month_spend(self, tenant: str, month: str) -> float:
+        """What the tenant owes for the month so far: its own cost plus premiums it pays."""
+
     @abstractmethod
     def schema_version(self) -> int: ...
     @abstractmethod

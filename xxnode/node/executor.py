@@ -43,6 +43,7 @@ from xxnode.node.crash import crash_point
 from xxnode.node.env.local import RequestError, function_of
 from xxnode.node.jobs import SpecError
 from xxnode.node.recovery import Placement
+from xxnode.node.usage import UsageOutbox
 
 OUTPUT_BUDGET = wire.MAX_PAYLOAD - 4096  # both streams, as the DONE's payload carries them
 TAIL = 2048  # bytes of each stream `xxctl job` shows: with the rest, one datagram
@@ -68,10 +69,13 @@ class NodeExecutor:
     dispatcher's ledger in the node's journal."""
 
     def __init__(
-        self, node, placements: dict[str, Placement] | None = None, key: bytes = b""
-    ) -> None:
+        self, node, placements: dict[str, Placement] | None = None, key: bytes = b"",
+        node_id: str = "",
+    ) -> None:  # fmt: skip
         self.node = node
-        self.key = key  # the cluster key: proves this node to the code store
+        self.key = key  # the cluster key: proves this node to the code store and the ledger
+        self.node_id = node_id or os.uname().nodename
+        self.usage = UsageOutbox(node.cfg.state_dir / "usage.db", key, self.node_id)
         self._fetching: dict[str, asyncio.Future] = {}  # digest -> its one pull in flight
         self.total_bytes = node.memory.sample().total
         self.placements = dict(placements or {})  # cluster job hex -> unsettled placement
@@ -185,7 +189,10 @@ class NodeExecutor:
         if p is not None:
             p.invoked = True
             self.node.journal.append({"ev": "invoked", "job": hexid, "t": time.time()})
-        res = await pool.invoke(fn, job.payload or b"{}", job.cls)
+        chain = dict(job.spec.get("caller") or {}, gateway=url or "")
+        res = await pool.invoke(fn, job.payload or b"{}", job.cls, chain)
+        # metered before the result leaves: a result the caller saw is always billed
+        self.usage.add(self._usage_record(hexid, job, res["report"]), url or "")
         err = res["error"]
         _keep(self.invoked, hexid, {
             "status": 0 if err is None else 1,
@@ -200,6 +207,25 @@ class NodeExecutor:
             "report": res["report"],
             "log": res["log"],
         }
+
+    def _usage_record(self, hexid: str, job: ClusterJob, rep: dict) -> dict:
+        """The ledger's record of one invocation (ledger/usage.py reads it). The caller's
+        context (class inheritance) says whose the premium is; without one the call came
+        from outside XX and the function's own tenant pays all."""
+        ctx = job.spec.get("caller") or {}
+        own = ctx.get("own_class") or job.cls
+        c = self.node.classes.get(own)
+        return {
+            "id": hexid, "tenant": rep["tenant"], "function": rep["function"],
+            "version": rep["version"], "class": job.cls, "own_class": own,
+            "payer": ctx.get("payer") or rep["tenant"], "depth": int(ctx.get("depth", 0)),
+            "node": self.node_id, "finished_at": time.time(), "cpu_ms": rep["cpu_ms"],
+            "gb_s": rep["gb_s"], "cpu_price": rep["cpu_price"],
+            "own_cpu_price": rep["cpu_price"] if c is None else min(c.price, rep["cpu_price"]),
+            "memory_price": rep["memory_price"], "duration_ms": rep["duration_ms"],
+            "billed_ms": rep["billed_ms"], "max_memory_mb": rep["max_memory_mb"],
+            "memory_source": rep["memory_source"], "cold": rep["cold"],
+        }  # fmt: skip
 
     async def _fetch(self, url: str, digest: str) -> bytes:
         """One pull per digest however many invocations want it at once."""
@@ -287,7 +313,10 @@ class NodeExecutor:
 async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> Dispatcher:
     key = wire.load_key(cfg.key_file)
     node_id = cfg.node_id or f"{os.uname().nodename}-{node.host.root.path.name}"
-    ex = NodeExecutor(node, placements, key)
+    ex = NodeExecutor(node, placements, key, node_id)
+    ex.usage.start()
+    if node.functions is not None:
+        node.functions.proxy.key = key  # it vouches for callers with the cluster key
     d = Dispatcher(node_id, [wire.parse_addr(s) for s in cfg.shards], ex, ledger=ex)
     try:
         await d.start(wire.parse_addr(cfg.listen), wire.Codec(key))

@@ -52,6 +52,7 @@ class Environment:
         self.state = "starting"
         self.pid = 0
         self.current: Invocation | None = None
+        self.last: Invocation | None = None  # the latest assigned: whose chain calls inherit
         self.orphan: Invocation | None = None  # assigned, never delivered, env died: requeue
         # spawned for a cold invocation that is handed over once the spawn returns: until
         # then no other invocation may take it, though its runtime may already be in /next
@@ -91,7 +92,7 @@ class Environment:
             inv.finish(None, "", self.init_failure or _died(inv.request_id, self.exit_status))
             return
         assert self.current is None and self.state in ("starting", "idle", "answered")
-        self.current, self.delivered = inv, False
+        self.current, self.delivered, self.last = inv, False, inv
         inv.env_id, inv.cold = self.env_id, self.invocations == 0
         self.invocations += 1
         self._set_class(cls)

@@ -82,8 +82,14 @@ class FunctionVersion:
     def python(self) -> bool:
         return self.runtime.startswith("python")
 
-    def environ(self, runtime_api: str, env_id: str, port: int | None) -> dict[str, str]:
-        """What a runtime finds in its environment (Lambda's names; PORT for http)."""
+    def environ(
+        self, runtime_api: str, env_id: str, port: int | None, lambda_url: str = ""
+    ) -> dict[str, str]:
+        """What a runtime finds in its environment (Lambda's names; PORT for http). With
+        ``lambda_url`` (the node's Lambda proxy) an unmodified SDK calls other functions
+        through the node, which vouches for the caller's class (node/env/lambda_proxy.py);
+        the credentials only satisfy the SDK's signer, and like Lambda's reserved names
+        the function's own variables cannot replace them."""
         e = {
             "PATH": "/var/lang/bin:/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -105,5 +111,13 @@ class FunctionVersion:
         }
         if port is not None:
             e["PORT"] = str(port)
+        if lambda_url:
+            e["AWS_ENDPOINT_URL_LAMBDA"] = lambda_url
         e.update(self.env)
+        if lambda_url:
+            e |= {
+                "AWS_ACCESS_KEY_ID": "XXENV" + "".join(c for c in env_id if c.isalnum()).upper(),
+                "AWS_SECRET_ACCESS_KEY": "vouched-for-by-the-node-not-by-this-secret",
+            }
+            e.pop("AWS_SESSION_TOKEN", None)
         return e

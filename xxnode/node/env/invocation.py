@@ -32,6 +32,7 @@ class Invocation:
     request_id: str = field(default_factory=new_request_id)
     accepted: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
+    caller: dict | None = None  # its chain: {payer, depth, own_class, ...}, from the gateway
     # set as it runs
     env_id: str = ""
     cold: bool = False

@@ -14,6 +14,7 @@ not under a class), <root>/_zygote for the zygote (never billed to a tenant).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -35,6 +36,7 @@ from xxnode.node.env.environment import Environment
 from xxnode.node.env.function import FunctionVersion
 from xxnode.node.env.http_bridge import HttpBridge, free_port
 from xxnode.node.env.invocation import Invocation
+from xxnode.node.env.lambda_proxy import LambdaProxy
 from xxnode.node.env.runtime_api import RuntimeApi
 from xxnode.node.env.zygote import SpawnFailed, Zygote
 from xxnode.node.memory import IDLE, JobRef
@@ -102,6 +104,7 @@ class Pool:
         self.env_ids = itertools.count(1)
         self.results: OrderedDict[str, dict] = OrderedDict()  # request id -> result (bounded)
         self.api = RuntimeApi(self.by_uid.get)
+        self.proxy = LambdaProxy(self.api.owner_of, b"")  # the cluster sets its key
         self.zygote: Zygote | None = None  # started once the listener's address is known
         self.keepalive: asyncio.TimerHandle | None = None
         self.rates: dict[str, tuple[float, float]] = {}  # key -> (rate, when), decayed
@@ -126,6 +129,7 @@ class Pool:
         except (OSError, CgroupError) as e:
             raise FunctionsUnavailable(f"environment cgroups: {e}") from None
         await self.api.start()
+        await self.proxy.start()
         self.zygote = Zygote(self._exited, self.api.address, self.zygote_cg)
         await self.zygote.start()
 
@@ -153,7 +157,11 @@ class Pool:
             return self.code.put_zip(bytes(path_or_bytes))
         return self.code.put_path(Path(path_or_bytes))
 
-    async def invoke(self, fn: FunctionVersion, payload: bytes, cls: str) -> dict:
+    async def invoke(
+        self, fn: FunctionVersion, payload: bytes, cls: str, caller: dict | None = None
+    ) -> dict:
+        """``caller``: the chain this invocation is part of (gateway/caller.py), which its
+        own calls through the Lambda proxy inherit."""
         c = self.classes.get(cls)
         if c is None:
             raise ValueError(
@@ -164,6 +172,7 @@ class Pool:
             fn, payload, cls, fn.timeout, c.price, self.cfg.memory_price, self.cfg.log_limit
         )
         inv.future = loop.create_future()
+        inv.caller = caller
         self.stats["invocations"] += 1
         self._note_rate(fn.key)
         env = self._idle_env(fn.key)
@@ -218,13 +227,13 @@ class Pool:
         req = {
             "spawn": env_id,
             "plan": plan.__dict__ | {"hide": list(plan.hide)},
-            "env": fn.environ(self.api.address, env_id, None),
+            "env": fn.environ(self.api.address, env_id, None, self.proxy.url),
             "handler": fn.handler,
         }
         port = None
         if fn.runtime == "http":
             port = free_port()
-            req["env"] = fn.environ(self.api.address, env_id, port)
+            req["env"] = fn.environ(self.api.address, env_id, port, self.proxy.url)
             argv = shlex.split(fn.handler) if fn.handler else ["/var/task/bootstrap"]
             req |= {"mode": "exec", "argv": argv}
         elif fn.python and self.cfg.zygote:
@@ -418,5 +427,7 @@ class Pool:
         for env in list(self.envs.values()):
             env.kill("node stopping")
         self.api.close()
+        with contextlib.suppress(RuntimeError):  # no loop: nothing is listening
+            asyncio.get_running_loop().create_task(self.proxy.close())
         if self.zygote is not None:
             self.zygote.close()
