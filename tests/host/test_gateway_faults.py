@@ -155,3 +155,74 @@ def test_two_ups_on_one_machine_keep_to_their_own(up, tmp_path):
         other.stop()  # and kills only its own cgroup tree
     r = client.invoke(FunctionName="slow", Payload=b"{}")
     assert json.loads(r["Payload"].read()) == {"slept": 0} and "FunctionError" not in r
+
+
+def test_the_ledger_equals_what_the_node_metered_across_kill_9_of_each_part(up):
+    """A stream of invocations while the gateway, then the shard, then the node is killed
+    with SIGKILL (`up` starts each again on its state dir); afterwards every record the
+    node metered is in the ledger once, as metered, and the ledger holds nothing else."""
+    import sqlite3
+
+    from xxnode.ledger.store import open_store
+
+    u, client = up
+    stop = threading.Event()
+    seen = {"ok": 0, "failed": 0}
+
+    def stream():
+        while not stop.is_set():
+            try:
+                kind = "Event" if seen["ok"] % 5 == 4 else "RequestResponse"
+                client.invoke(FunctionName="slow", InvocationType=kind,
+                              Payload=b'{"sleep": 0.05}')  # fmt: skip
+                seen["ok"] += 1
+            except Exception:  # a part is down: the stream goes on, as a client's would
+                seen["failed"] += 1
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for name in ("xxgate", "xxshard", "xxnode"):
+            before = seen["ok"]
+            until(lambda b=before: seen["ok"] >= b + 10, f"invocations before killing {name}", 60)
+            os.kill(proc(u, name).pid, signal.SIGKILL)
+            after = seen["ok"]
+            until(lambda a=after: seen["ok"] >= a + 10, f"invocations after {name} came back", 90)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    with open_store(f"sqlite:///{u.state / 'gateway.db'}") as s:
+        deadline = time.monotonic() + 120
+        while True:  # until the node has sent everything it metered
+            db = sqlite3.connect(u.state / "node" / "usage.db")
+            try:
+                unsent = db.execute(
+                    "SELECT COUNT(*) FROM usage WHERE acked IS NULL AND rejected IS NULL"
+                ).fetchone()[0]
+                node = {
+                    r["id"]: r
+                    for r in (json.loads(x) for (x,) in db.execute("SELECT record FROM usage"))
+                }
+            finally:
+                db.close()
+            if unsent == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert unsent == 0
+        ledger = {x.id: x for x in s.usage_records()}
+    assert seen["ok"] >= 60, seen
+    assert len(node) >= seen["ok"] * 0.9, (len(node), seen)  # Events may still be running
+    assert set(ledger) == set(node), set(ledger) ^ set(node)
+    for i, rec in node.items():
+        x = ledger[i]
+        assert (x.cpu_s, x.gb_s, x.price_class, x.node) == (
+            pytest.approx(rec["cpu_ms"] / 1000),
+            pytest.approx(rec["gb_s"]),
+            rec["class"],
+            rec["node"],
+        )
+    print(f"\n{seen['ok']} invocations answered, {seen['failed']} failed while a part was down; "
+          f"{len(node)} metered, {len(ledger)} in the ledger")  # fmt: skip
