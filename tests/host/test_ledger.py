@@ -818,3 +818,64 @@ def test_threads_share_one_store(store: Store) -> None:
 def test_lambda_time() -> None:
     assert lambda_time(1_796_316_012.345678) == "2026-12-03T16:40:12.345+0000"
     assert lambda_time(0) == "1970-01-01T00:00:00.000+0000"
+
+
+# -- usage and the bill ----------------------------------------------------------------------
+def _usage(i: str, **kw) -> dict:
+    rec = {
+        "id": i, "tenant": "acme", "function": "f", "version": "$LATEST", "class": "high",
+        "own_class": "high", "payer": "acme", "depth": 0, "node": "n1",
+        "finished_at": 1_796_000_000.0, "cpu_ms": 1000.0, "gb_s": 0.5, "cpu_price": 2.0,
+        "own_cpu_price": 2.0, "memory_price": 0.0001,
+    }  # fmt: skip
+    return rec | kw
+
+
+def test_usage_is_kept_once_per_id_and_bad_records_are_refused_by_name(store: Store) -> None:
+    store.create_tenant("acme", "low")
+    acked, rejected = store.record_usage([_usage("a"), _usage("b"), {"id": "c"}, "junk"])
+    assert acked == ["a", "b"]
+    assert rejected == {"c": "tenant: a non-empty string of at most 256 characters",
+                        "?": "a usage record is a JSON object"}  # fmt: skip
+    # resent (a lost answer, a node's restart): acknowledged again, not counted again
+    acked, _ = store.record_usage([_usage("a", cpu_ms=9999.0)])
+    assert acked == ["a"]
+    rows = store.usage_records("acme")
+    assert [u.id for u in rows] == ["a", "b"] and rows[0].cpu_s == 1.0
+    for bad in ({"cpu_ms": -1}, {"cpu_ms": float("nan")}, {"depth": 17}, {"gb_s": True}):
+        _, rejected = store.record_usage([_usage("x", **bad)])
+        assert list(rejected) == ["x"], bad
+
+
+def test_the_bill_splits_a_cross_tenant_premium_to_the_caller(store: Store) -> None:
+    store.create_tenant("acme", "low")
+    store.create_tenant("lib", "low")
+    month = "2026-11"  # 1_796_000_000 is in November 2026
+    store.record_usage([
+        _usage("own"),  # acme's own high function: 1 CPU-s at 2.0 + 0.5 GB-s at 0.0001
+        # lib's low function raised to high by acme's call: lib pays low, acme the rest
+        _usage("raised", tenant="lib", function="g", own_class="low", own_cpu_price=0.5,
+               payer="acme", depth=1),
+    ])  # fmt: skip
+    lib = {(x.function, x.price_class): x for x in store.bill("lib", month)}
+    assert lib[("g", "high")].cost == pytest.approx(0.5 + 0.00005)
+    acme = store.bill("acme", month)
+    own = [x for x in acme if not x.premium]
+    prem = [x for x in acme if x.premium]
+    assert own[0].cost == pytest.approx(2.0 + 0.00005)
+    assert prem[0].owner == "lib" and prem[0].cost == pytest.approx(1.5)
+    assert store.month_spend("acme", month) == pytest.approx(3.5 + 0.00005)
+    assert store.month_spend("lib", month) == pytest.approx(0.5 + 0.00005)
+    assert store.bill("acme", "2026-10") == [] and store.month_spend("acme", "2026-12") == 0
+
+
+def test_an_event_keeps_its_callers_chain(store: Store) -> None:
+    store.create_tenant("acme", "low")
+    inv = store.record_event("acme", "f", "$LATEST", "high", b"{}",
+                             context={"payer": "lib", "depth": 3, "own_class": "low"})  # fmt: skip
+    (claimed,) = store.claim_pending_events(1, "gw", 10)
+    assert claimed.id == inv.id and claimed.context == {
+        "payer": "lib",
+        "depth": 3,
+        "own_class": "low",
+    }
