@@ -43,8 +43,10 @@ def handler(event, context):
                 request.headers["X-XX-Caller"] = event["forge"]
             lam.meta.events.register("before-send.lambda.Invoke", forge)
         try:
-            r = lam.invoke(FunctionName=event["call"], Payload=json.dumps(event.get("with", {})))
-            out["callee"] = json.loads(r["Payload"].read())
+            kind = "Event" if event.get("event") else "RequestResponse"
+            r = lam.invoke(FunctionName=event["call"], Payload=json.dumps(event.get("with", {})),
+                           InvocationType=kind)
+            out["callee"] = json.loads(r["Payload"].read() or b"{}")
         except lam.exceptions.ClientError as e:
             out["error"] = e.response["Error"]["Code"]
     if "direct" in event:  # straight to the gateway, past the node, with a made-up context
@@ -215,6 +217,19 @@ def test_a_callee_inherits_its_callers_class_and_the_caller_pays_across_tenants(
     assert (
         prem and prem[0]["owner"] == "lib" and prem[0]["cost"] == pytest.approx(crossed[0].premium)
     )
+
+
+def test_an_event_from_a_handler_inherits_too(lam, up):
+    make(lam, "ev-caller", "high")
+    make(lam, "ev-callee", "low")
+    _, out = call(lam, "ev-caller", {"call": "ev-callee", "event": True, "with": {"spin": 0.01}})
+    assert "error" not in out, out
+    deadline = time.monotonic() + 60
+    while not (got := [u for u in ledger(up).values() if u.function == "ev-callee"]):
+        assert time.monotonic() < deadline, "the event never ran"
+        time.sleep(0.1)  # the event runs after its 202: its record is what we wait for
+    (u,) = got
+    assert (u.price_class, u.own_class, u.depth, u.payer) == ("high", "low", 1, "default")
 
 
 def test_a_handler_cannot_forge_its_class(lam, up):

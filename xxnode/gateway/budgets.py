@@ -9,11 +9,13 @@ TTL, plus what the nodes have metered and not yet sent (docs/budgets.md measures
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from xxnode.ledger.store import Store
 from xxnode.policy import budget as policy
 
+log = logging.getLogger("xxgate")
 TTL = 1.0
 
 
@@ -21,7 +23,8 @@ class Budgets:
     def __init__(self, store: Store, rule: policy.BudgetRule = policy.RULE, clock=time.time):
         self.store, self.rule, self.clock = store, rule, clock
         self._cache: dict[str, tuple[float, policy.Decision, float]] = {}  # tenant -> ...
-        self._state: dict[str, str] = {}  # tenant -> its last state (hysteresis)
+        self._state: dict[tuple[str, str], str] = {}  # (tenant, month) -> last state
+        self._warned: dict[tuple[str, str], tuple] = {}  # what the log said last
 
     async def decide(self, tenant: str) -> policy.Decision:
         now = self.clock()
@@ -33,13 +36,21 @@ class Budgets:
             d = policy.decide(0.0, None, 0.0)
             spend = 0.0
         else:
-            spend = await asyncio.to_thread(self.store.month_spend, tenant, policy.month_of(now))
+            month = policy.month_of(now)
+            spend = await asyncio.to_thread(self.store.month_spend, tenant, month)
             start, end = policy.month_bounds(now)
-            d = policy.decide(
-                spend, t.budget, policy.month_fraction(now), self._state.get(tenant, policy.NORMAL),
-                self.rule, end - start,
-            )  # fmt: skip
-        self._state[tenant] = d.state
+            key = (tenant, month)  # a new month starts from normal, as its spend from 0
+            was = self._state.get(key, policy.NORMAL)
+            d = policy.decide(spend, t.budget, policy.month_fraction(now), was, self.rule,
+                              end - start)  # fmt: skip
+            if len(self._state) > 100_000:
+                self._state.clear()
+            self._state[key] = d.state
+            if d.state != was or d.warnings != self._warned.get(key, ()):
+                log.warning("tenant %s: budget %s, %.1f%% of %g spent (%s)", tenant, d.state,
+                            100 * spend / t.budget, t.budget,
+                            ", ".join(f"{w:.0%}" for w in d.warnings) or "no warning")  # fmt: skip
+                self._warned[key] = d.warnings
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[tenant] = (now, d, spend)

@@ -26,6 +26,8 @@ from xxnode.cluster import usage_link
 log = logging.getLogger("xxnode")
 KEEP_S = 35 * 86400.0  # acknowledged records kept this long: a month's metering, to compare
 RETRY_S = (0.5, 1, 2, 5, 10, 30)  # pauses after a failed round, growing
+LINGER_S = 0.05  # a round waits this long for more records: one POST (and one ledger
+# commit) per batch, not per invocation, at the cost of 50 ms more lag for budgets
 
 
 class UsageOutbox:
@@ -82,6 +84,7 @@ class UsageOutbox:
                     pass
             else:
                 await self._wake.wait()
+                await asyncio.sleep(LINGER_S)
             self._wake.clear()
             try:
                 sent_all = await self._round()

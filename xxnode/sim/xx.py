@@ -93,7 +93,12 @@ class Machine:
         self.envs = None  # warm.MachineEnvs in warm mode
 
 
-def run(cfg: Config) -> Result:
+def run(cfg: Config, stream=None, on_arrival=None, on_finish=None) -> Result:
+    """Simulate XX on ``cfg``'s workload.  Hooks for experiments built on this loop (the
+    denial-of-wallet run in ``dow``), all optional: ``stream`` replaces the workload's job
+    iterator (the same tuples, in arrival order); ``on_arrival(now, fn, rank)`` returns the
+    class rank the job runs in, or None to drop it before it reaches a shard; and
+    ``on_finish(job, now)`` is called as each job finishes."""
     t_wall = time.perf_counter()
     p = plan(cfg)
     cl, sc, cs = cfg.cluster, cfg.scheduler, cfg.classes
@@ -270,7 +275,7 @@ def run(cfg: Config) -> Result:
         if want_sample:
             samples.append((now, utils, [m.swap_out for m in machines]))
 
-    arrivals = gen_jobs(cfg, p)
+    arrivals = gen_jobs(cfg, p) if stream is None else iter(stream)
     lo_j, hi_j, lo_t, hi_t = window(cfg, p)
     nxt = next(arrivals, None)
     jid = 0
@@ -283,6 +288,12 @@ def run(cfg: Config) -> Result:
     while True:
         if nxt is not None and (not heap or nxt[0] <= heap[0][0]):
             now, runtime, rank, mem, fn = nxt
+            if on_arrival is not None and (rank := on_arrival(now, fn, rank)) is None:
+                last_arrival = now  # dropped: never placed, never measured
+                nxt = next(arrivals, None)
+                if nxt is None:
+                    cutoff = last_arrival * (1.0 + cfg.arrivals.drain)
+                continue
             meas = lo_j <= jid and (jid < hi_j or hi_j < 0) and lo_t <= now < hi_t
             j = SimJob(jid, rank, names[rank], now, runtime, mem, meas, fn)
             if meas:
@@ -320,6 +331,8 @@ def run(cfg: Config) -> Result:
             j.seg = -1.0
             if warm_mode:
                 m.envs.release(j.fn, j.env, now)
+            if on_finish is not None:
+                on_finish(j, now)
             if j.meas:
                 r = now - j.arrival
                 resp[j.rank].append(r)
