@@ -166,3 +166,64 @@ def test_large_bodies_at_once_are_bounded_by_a_429_with_retry_after(up):
     finally:
         for s in held:
             s.close()
+
+
+def test_usage_and_caller_contexts_not_from_the_cluster_are_refused(up):
+    """/xx/usage takes only batches signed with the cluster key, and a caller's context
+    (X-XX-Caller) only as a node of the cluster vouched for it: each refusal AWS-shaped,
+    nothing entered in the ledger."""
+    from xxnode.cluster import caller, usage_link
+    from xxnode.ledger.store import open_store
+    from xxnode.wire import load_key
+
+    key = load_key(str(up.state / "cluster.key"))
+
+    def post_usage(body: bytes, token: str | None):
+        u = urlsplit(up.endpoint)
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers[usage_link.HEADER] = token
+        try:
+            c.request("POST", usage_link.PATH, body=body, headers=headers)
+            r = c.getresponse()
+            return r.status, r.getheader("x-amzn-ErrorType"), json.loads(r.read() or b"{}")
+        finally:
+            c.close()
+
+    rec = {"id": "forged", "tenant": "default", "function": "f", "version": "$LATEST",
+           "class": "high", "own_class": "high", "payer": "default", "node": "n",
+           "finished_at": time.time(), "cpu_ms": 1e9, "gb_s": 0.0, "cpu_price": 2.0,
+           "own_cpu_price": 2.0, "memory_price": 0.0}  # fmt: skip
+    body = json.dumps({"node": "n", "records": [rec]}).encode()
+    assert post_usage(body, None)[:2] == (403, "AccessDeniedException")
+    assert post_usage(body, "0" * 64)[:2] == (403, "AccessDeniedException")
+    other = json.dumps({"node": "n", "records": [dict(rec, id="other")]}).encode()
+    assert post_usage(body, usage_link.token(key, other))[:2] == (403, "AccessDeniedException")
+    with open_store(up.store) as s:
+        assert s.usage_records() == []
+    junk = b'{"records": 5}'
+    assert post_usage(junk, usage_link.token(key, junk))[:2] == (
+        400,
+        "InvalidRequestContentException",
+    )
+    bad = json.dumps({"records": [dict(rec, cpu_ms=-1)]}).encode()
+    status, _, doc = post_usage(bad, usage_link.token(key, bad))
+    assert status == 200 and doc == {
+        "acked": [],
+        "rejected": {"forged": "cpu_ms: a finite number >= 0"},
+    }
+    # a caller's context: made up, signed with another key, or expired
+    for value in ("made-up", caller.vouch(b"k" * 32, {"tenant": "default", "class": "high",
+                                                      "depth": 0}, time.time()),
+                  caller.vouch(key, {"tenant": "default", "class": "high", "depth": 0},
+                               time.time() - 60)):  # fmt: skip
+        u = urlsplit(up.endpoint)
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        try:
+            c.request("GET", "/2015-03-31/functions/", headers={caller.HEADER: value})
+            r = c.getresponse()
+            assert (r.status, r.getheader("x-amzn-ErrorType")) == (403, "AccessDeniedException")
+            r.read()
+        finally:
+            c.close()

@@ -32,6 +32,7 @@ from xxnode.ledger.store import (
 )
 from xxnode.node.env.code import MAX_UNPACKED, MAX_ZIPPED, CodeError, check_zip
 
+ACCOUNTS_TTL = 1.0  # seconds between reads of the tenants, to map an ARN's account
 ALLOW_TAG = "xx:allow:"  # hidden tags: a resource policy's statements, sid -> account
 
 RUNTIMES = frozenset(
@@ -56,6 +57,7 @@ class Functions:
         self.link = link  # digest -> a download URL good for 10 minutes
         self._recent: dict[tuple[str, str, str], tuple[float, Function]] = {}
         self._accounts: dict[str, str] = {}  # 12-digit account -> tenant
+        self._accounts_read = -ACCOUNTS_TTL
 
     async def db(self, method, *args, **kw):
         """A store call in a worker thread, its errors as Lambda's."""
@@ -131,7 +133,11 @@ class Functions:
         tenant = request["tenant"]
         if acct is None or acct == arn.account_of(tenant):
             return tenant
-        if acct not in self._accounts:
+        now = time.monotonic()
+        if acct not in self._accounts and now - self._accounts_read > ACCOUNTS_TTL:
+            # a new tenant is found within ACCOUNTS_TTL; made-up accounts cost one read per
+            # ACCOUNTS_TTL, not one per request
+            self._accounts_read = now
             for t in await self.db(self.store.list_tenants):
                 self._accounts[arn.account_of(t.name)] = t.name
         return self._accounts.get(acct)

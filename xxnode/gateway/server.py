@@ -139,11 +139,9 @@ class Gateway:
     async def usage(self, request: web.Request) -> web.Response:
         """Usage records from a node (its cluster-key token over the body proves it): into
         the ledger, once per id; the answer is what the node may forget."""
-        if (request.content_length or 0) > usage_link.MAX_BODY:
-            raise errors.too_large()
-        body = await request.content.read(usage_link.MAX_BODY + 1)
-        if len(body) > usage_link.MAX_BODY:
-            raise errors.too_large()
+        if request.content_length is None or request.content_length > usage_link.MAX_BODY:
+            raise errors.too_large(f"a usage batch: at most {usage_link.MAX_BODY} bytes, sized")
+        body = await request.read()
         if not usage_link.token_ok(self.cluster_key, body, request.headers.get(usage_link.HEADER)):
             raise errors.access_denied("usage records are for the cluster's nodes")
         try:
