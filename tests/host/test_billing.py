@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from tests.host.test_gateway import ROLE, zipped
 from tests.support.xx_up import XXCTL, Up
 from xxnode.ledger.store import open_store
+from xxnode.node.client import Client
 from xxnode.policy import budget as policy
 
 APP = """
@@ -148,6 +149,9 @@ def test_every_invocation_is_in_the_ledger_once_as_the_node_metered_it(lam, up):
     assert hi["cost"] / hi["cpu_seconds"] == pytest.approx(2.0, rel=0.05)
     assert lo["cost"] / lo["cpu_seconds"] == pytest.approx(0.5, rel=0.05)
     assert doc["total"] == pytest.approx(sum(x["cost"] for x in doc["lines"]))
+    with Client(str(up.state / "xxnode.sock")) as c:  # the node says the same of its outbox
+        box = c.call({"op": "status"})["status"]["usage"]
+    assert box["unsent"] == 0 and box["acked"] == len(node) and box["rejected"] == 0
     text = subprocess.run([XXCTL, "bill", "--tenant", "default", "--store", up.store],
                           capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "meter-hi" in text and "total" in text

@@ -38,6 +38,8 @@ def status(node) -> dict:
         "queued": node.queue.by_class(),
         "finished_total": node.finished_total,
         "functions": node.functions.status() if node.functions else None,
+        # the usage outbox: records not yet in the ledger, acknowledged, refused by it
+        "usage": node.dispatcher.ledger.usage.counts() if node.dispatcher else None,
         "degraded": h.degraded,
     }
 
