@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import urllib.error
-import urllib.request
+
+import aiohttp
 
 PATH = "/xx/usage"
 HEADER = "X-XX-Usage-Token"
@@ -31,20 +31,22 @@ def token_ok(key: bytes, body: bytes, shown: str | None) -> bool:
     return shown is not None and hmac.compare_digest(token(key, body), shown)
 
 
-def send(base_url: str, key: bytes, node: str, records: list[dict], timeout: float = 10.0):
-    """(acked ids, {id: why refused}). Blocking: call it from a worker thread."""
+async def send(
+    session, base_url: str, key: bytes, node: str, records: list[dict], timeout: float = 10.0
+):
+    """(acked ids, {id: why refused}). On the caller's event loop (an aiohttp session): a
+    sender thread would take the GIL from the loop in 5 ms slices, and each slice is a stall
+    of every invocation on the node."""
     body = json.dumps({"node": node, "records": records}).encode()
-    req = urllib.request.Request(
-        base_url.rstrip("/") + PATH, data=body, method="POST",
-        headers={HEADER: token(key, body), "Content-Type": "application/json"},
-    )  # fmt: skip
+    headers = {HEADER: token(key, body), "Content-Type": "application/json"}
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            doc = json.loads(r.read(MAX_BODY))
-    except urllib.error.HTTPError as e:
-        raise SendError(f"usage to {base_url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise SendError(f"usage to {base_url}: {getattr(e, 'reason', e)}") from None
+        async with session.post(base_url.rstrip("/") + PATH, data=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:  # fmt: skip
+            if r.status != 200:
+                raise SendError(f"usage to {base_url}: HTTP {r.status} {r.reason}")
+            doc = json.loads(await r.content.read(MAX_BODY))
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        raise SendError(f"usage to {base_url}: {e or type(e).__name__}") from None
     acked, rejected = doc.get("acked"), doc.get("rejected")
     if not isinstance(acked, list) or not isinstance(rejected, dict):
         raise SendError(f"usage to {base_url}: an answer without acked and rejected")

@@ -25,6 +25,7 @@ from xxnode.gateway.errors import AwsError, to_response_parts
 from xxnode.gateway.functions import Functions
 from xxnode.gateway.invocations import Invocations
 from xxnode.gateway.urls import FunctionUrls
+from xxnode.ledger import usage
 from xxnode.ledger.bill import bill_doc
 from xxnode.ledger.store import Store
 from xxnode.policy.budget import month_of
@@ -152,7 +153,9 @@ class Gateway:
             raise errors.invalid_request_content(
                 f"records: a list of at most {usage_link.MAX_BATCH}"
             )
-        acked, rejected = await asyncio.to_thread(self.store.record_usage, records)
+        good, rejected = usage.parse_all(records)  # here, not in the worker: see record_usage
+        acked, refused = await asyncio.to_thread(self.store.record_usage, good)
+        rejected |= refused
         return web.json_response({"acked": acked, "rejected": rejected})
 
     async def bill(self, request: web.Request) -> web.Response:

@@ -93,6 +93,22 @@ def parse(doc: object) -> Usage:
     )  # fmt: skip
 
 
+def parse_all(records) -> tuple[list[Usage], dict[str, str]]:
+    """(the records taken, {id: why} for the rest); records already parsed pass through."""
+    good: list[Usage] = []
+    rejected: dict[str, str] = {}
+    for doc in records:
+        if isinstance(doc, Usage):
+            good.append(doc)
+            continue
+        try:
+            good.append(parse(doc))
+        except BadRecord as e:
+            rid = doc.get("id") if isinstance(doc, dict) else None
+            rejected[str(rid)[:256] if rid else "?"] = str(e)
+    return good, rejected
+
+
 @dataclass(frozen=True)
 class BillLine:
     """One function and class in a tenant's month. `premium`: lines for calls that raised
