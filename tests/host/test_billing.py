@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -21,7 +20,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from tests.host.test_gateway import ROLE, zipped
-from tests.support.xx_up import XXCTL, Up
+from tests.support.xx_up import XXCTL, Up, node_metered
 from xxnode.ledger.store import open_store
 from xxnode.node.client import Client
 from xxnode.policy import budget as policy
@@ -98,21 +97,7 @@ def call(lam, name: str, event: dict) -> tuple[dict, dict]:
 
 
 def metered(up) -> dict[str, dict]:
-    """What the node metered, from its own outbox, once it has nothing left to send."""
-    deadline = time.monotonic() + 60
-    while True:
-        db = sqlite3.connect(up.state / "node" / "usage.db")
-        try:
-            unsent = db.execute(
-                "SELECT COUNT(*) FROM usage WHERE acked IS NULL AND rejected IS NULL"
-            ).fetchone()[0]
-            rows = [json.loads(r) for (r,) in db.execute("SELECT record FROM usage")]
-        finally:
-            db.close()
-        if unsent == 0 or time.monotonic() > deadline:
-            assert unsent == 0, f"{unsent} usage records never reached the ledger"
-            return {r["id"]: r for r in rows}
-        time.sleep(0.1)  # the outbox's state is in its file: read it again
+    return node_metered(up.state)
 
 
 def ledger(up, tenant: str | None = None):

@@ -161,8 +161,7 @@ def test_the_ledger_equals_what_the_node_metered_across_kill_9_of_each_part(up):
     """A stream of invocations while the gateway, then the shard, then the node is killed
     with SIGKILL (`up` starts each again on its state dir); afterwards every record the
     node metered is in the ledger once, as metered, and the ledger holds nothing else."""
-    import sqlite3
-
+    from tests.support.xx_up import node_metered
     from xxnode.ledger.store import open_store
 
     u, client = up
@@ -194,24 +193,8 @@ def test_the_ledger_equals_what_the_node_metered_across_kill_9_of_each_part(up):
         stop.set()
         for t in threads:
             t.join(120)
+    node = node_metered(u.state, timeout=120)
     with open_store(f"sqlite:///{u.state / 'gateway.db'}") as s:
-        deadline = time.monotonic() + 120
-        while True:  # until the node has sent everything it metered
-            db = sqlite3.connect(u.state / "node" / "usage.db")
-            try:
-                unsent = db.execute(
-                    "SELECT COUNT(*) FROM usage WHERE acked IS NULL AND rejected IS NULL"
-                ).fetchone()[0]
-                node = {
-                    r["id"]: r
-                    for r in (json.loads(x) for (x,) in db.execute("SELECT record FROM usage"))
-                }
-            finally:
-                db.close()
-            if unsent == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert unsent == 0
         ledger = {x.id: x for x in s.usage_records()}
     assert seen["ok"] >= 60, seen
     assert len(node) >= seen["ok"] * 0.9, (len(node), seen)  # Events may still be running

@@ -8,10 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
+
+from xxnode.node import usage as usage_outbox
 
 XXCTL = str(Path(sys.executable).with_name("xxctl"))
 AWS = str(Path(sys.executable).with_name("aws"))
@@ -88,3 +91,15 @@ class Up:
              "lambda", *args],
             capture_output=True, text=True, timeout=timeout, env=env,
         )  # fmt: skip
+
+
+def node_metered(state: Path, timeout: float = 60) -> dict[str, dict]:
+    """What `xxctl up`'s node metered, once its outbox has sent everything (nothing
+    announces that outside the node: its file is read again until it says so)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        unsent, records = usage_outbox.read(state / "node" / "usage.db")
+        if unsent == 0:
+            return records
+        assert time.monotonic() < deadline, f"{unsent} usage records never reached the ledger"
+        time.sleep(0.05)

@@ -27,6 +27,7 @@ from botocore.config import Config
 
 from tests.host.test_gateway import ROLE, zipped
 from tests.support.xx_up import REGION, Up
+from tests.vm.test_functions import SPIN, until
 from xxnode.kernel.cgroup import Cgroup, find_cgroup2_mount
 from xxnode.node.client import Client
 
@@ -36,21 +37,7 @@ TARGET_MS = 150.0  # the callee's unloaded wall time, calibrated in the test
 PAIRS = 7  # direct / via-caller pairs under load
 UNLOADED = 4  # direct callee runs before the load and again after it: the baseline
 
-CALLEE = """
-import os, time
-
-def handler(event, context):
-    n = event["n"]
-    t0, c0 = time.perf_counter(), time.thread_time()
-    x = 0
-    for i in range(n):
-        x += i
-    return {
-        "wall_ms": (time.perf_counter() - t0) * 1000,
-        "cpu_ms": (time.thread_time() - c0) * 1000,
-        "policy": os.sched_getscheduler(0),
-    }
-"""
+CALLEE = SPIN  # the loop test_functions times: its own wall and CPU time, its policy
 
 CALLER = """
 import json, os
@@ -98,16 +85,6 @@ def up(work):
     u = Up(work / "state").start()
     yield u
     assert u.stop() == 0
-
-
-def until(what: str, check, timeout: float = 120.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def test_a_high_caller_lifts_a_low_callee_above_low_hogs(up, work):
@@ -183,7 +160,8 @@ def test_a_high_caller_lifts_a_low_callee_above_low_hogs(up, work):
             envs = c.call({"op": "fn_envs"})["envs"]
         return [e["env"] for e in envs if e["function"] == "hog" and e["state"] == "running"]
 
-    hog_envs = until(f"{HOGS} hogs running", lambda: len(busy_hogs()) >= HOGS and busy_hogs())
+    hog_envs = until(f"{HOGS} hogs running", lambda: len(busy_hogs()) >= HOGS and busy_hogs(),
+                     timeout=120)  # fmt: skip
     # each has burnt real CPU since it was seen running: the load is on, not just announced
     cgs = [Cgroup(mount / root / "_envs" / e) for e in hog_envs]
     start_usage = [cg.cpu_stat()["usage_usec"] for cg in cgs]
@@ -191,6 +169,7 @@ def test_a_high_caller_lifts_a_low_callee_above_low_hogs(up, work):
         until(
             f"hog {cg.path.name} to spin",
             lambda cg=cg, u0=u0: cg.cpu_stat()["usage_usec"] - u0 >= 300_000,
+            timeout=120,
         )
     try:
         loaded_direct, loaded_via = [], []

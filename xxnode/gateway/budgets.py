@@ -22,7 +22,7 @@ TTL = 1.0
 class Budgets:
     def __init__(self, store: Store, rule: policy.BudgetRule = policy.RULE, clock=time.time):
         self.store, self.rule, self.clock = store, rule, clock
-        self._cache: dict[str, tuple[float, policy.Decision, float]] = {}  # tenant -> ...
+        self._cache: dict[str, tuple[float, policy.Decision]] = {}  # tenant -> (when, what)
         self._state: dict[tuple[str, str], str] = {}  # (tenant, month) -> last state
         self._warned: dict[tuple[str, str], tuple] = {}  # what the log said last
 
@@ -34,7 +34,6 @@ class Budgets:
         t = await asyncio.to_thread(self.store.get_tenant, tenant)
         if t.budget is None:
             d = policy.decide(0.0, None, 0.0)
-            spend = 0.0
         else:
             month = policy.month_of(now)
             spend = await asyncio.to_thread(self.store.month_spend, tenant, month)
@@ -53,14 +52,5 @@ class Budgets:
                 self._warned[key] = d.warnings
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[tenant] = (now, d, spend)
+        self._cache[tenant] = (now, d)
         return d
-
-    def spend(self, tenant: str) -> float | None:
-        """The spend behind the last decision (for the bill's header), if any."""
-        hit = self._cache.get(tenant)
-        return None if hit is None else hit[2]
-
-    def forget(self, tenant: str) -> None:
-        """Its budget changed: decide afresh."""
-        self._cache.pop(tenant, None)

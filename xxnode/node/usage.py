@@ -80,10 +80,6 @@ class UsageOutbox:
         ).fetchone()  # a scan, for `xxctl status` only
         return {"unsent": unsent, "acked": acked, "rejected": rejected} | self.stats
 
-    def records(self) -> list[dict]:
-        """Everything this node metered and still keeps (for audits and tests)."""
-        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM usage ORDER BY id")]
-
     # -- sending ----------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -163,3 +159,17 @@ class UsageOutbox:
             missing = {r["id"] for r in batch} - set(acked) - set(rejected)
             return not missing
         return False
+
+
+def read(path: Path) -> tuple[int, dict[str, dict]]:
+    """(records not yet acknowledged, every record kept by id) of an outbox file, read from
+    outside the node (audits, tests): what the node metered."""
+    db = sqlite3.connect(path)
+    try:
+        (unsent,) = db.execute(
+            "SELECT COUNT(*) FROM usage WHERE acked IS NULL AND rejected IS NULL"
+        ).fetchone()
+        records = [json.loads(r) for (r,) in db.execute("SELECT record FROM usage")]
+    finally:
+        db.close()
+    return unsent, {r["id"]: r for r in records}

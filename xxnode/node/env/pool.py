@@ -420,6 +420,7 @@ class Pool:
             "waiting": sum(len(q) for q in self.waiting.values()),
             "runtime_api": self.api.address,
             "refused_connections": self.api.strangers,
+            "lambda_proxy": dict(self.proxy.stats),  # handlers' calls, and those refused
             "zygote": self.cfg.zygote,
         }
 
