@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import Daemon
+from tests.vm.test_functions import until
 from xxnode.kernel import meminfo
 from xxnode.kernel.cgroup import Cgroup
 
@@ -72,8 +73,13 @@ def test_idle_environments_swap_first_and_come_back_intact(node, tmp_path):
     assert all(r["error"] is None and r["response"]["intact"] for r in first), first
     envs = {r["report"]["env"] for r in first}
     assert len(envs) == 5
-    states = {e["env"]: e["state"] for e in node.call({"op": "fn_envs"})["envs"]}
-    assert all(states[e] == "frozen" for e in envs), states
+
+    # an environment is frozen once its runtime is back in /next after answering, a moment
+    # after the answer has reached us: nothing announces it, so the node is asked again
+    def states():
+        return {e["env"]: e["state"] for e in node.call({"op": "fn_envs"})["envs"]}
+
+    until("the idle environments frozen", lambda: all(states()[e] == "frozen" for e in envs))
 
     # a high-class job that takes what is free down to below the node's low watermark (5 % of
     # RAM): the node must reclaim back to its target (10 %), and only from the idle
