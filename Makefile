@@ -8,12 +8,14 @@ PYTEST_VM_FLAGS := -q -p no:cacheprovider
 setup:
 	@tools/setup
 
-# What this kernel gives XX; the paper's web server through the front door (xxctl up,
-# boto3); then a local cluster (2 shards, a real xxnode) under mixed load.
+# What this kernel gives XX; the paper's web server (§3.1: home high, profile medium, images
+# low) as functions behind HTTP triggers under `xxctl up`, open-loop load, XX vs classes
+# ignored (docs/demo.md); then a local cluster (2 shards, a real xxnode) under mixed load.
+# Under a minute on our 2-core host.
 demo: setup
 	@$(VENV)/bin/xxctl doctor
 	@echo
-	@$(PY) tools/demo_gateway
+	@$(PY) tools/demo_web
 	@echo
 	@$(PY) tools/demo_cluster
 
