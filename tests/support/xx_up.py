@@ -22,15 +22,16 @@ REGION = "us-east-1"
 
 
 class Up:
-    def __init__(self, state: Path):
+    def __init__(self, state: Path, args: tuple[str, ...] = ()):
         self.state = state
+        self.args = list(args)  # more `xxctl up` options (e.g. --metrics HOST:PORT)
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
         self.credentials = Path()
 
     def start(self) -> Up:
         self.proc = subprocess.Popen(
-            [XXCTL, "up", "--state-dir", str(self.state)],
+            [XXCTL, "up", "--state-dir", str(self.state), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         first, second = self.proc.stdout.readline(), self.proc.stdout.readline()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from xxnode.classes import ClassTable, parse_classes
 from xxnode.config.defaults import builtin_classes, load_file
+from xxnode.config.shard import METRICS_DOC, metrics_listen
 from xxnode.schema import ConfigError, Key, check
 
 KEYS = (
@@ -19,6 +20,7 @@ KEYS = (
     Key("default_class", "str", "", "the class of a tenant created without one (default: the cheapest)"),
     Key("margin", "seconds", 5.0, "how long past a function's timeout an invocation may take before the gateway answers with an error (a dead shard or node)", least=0),
     Key("event_workers", "int", 4, "Event invocations run at once from the durable queue (0: this gateway only accepts them; others sharing the store run them)", least=0),
+    Key("metrics_listen", "str", "", METRICS_DOC),
 )  # fmt: skip
 
 
@@ -33,6 +35,7 @@ class GatewayConfig:
     default_class: str = ""
     margin: float = 5.0
     event_workers: int = 4
+    metrics_listen: str = ""
     classes: ClassTable = field(default_factory=builtin_classes)
     source: str = ""
 
@@ -56,6 +59,7 @@ def parse(data: object, source: str = "") -> GatewayConfig:
     if v["default_class"] and classes.get(v["default_class"]) is None:
         raise ConfigError(f"gateway.default_class: no class {v['default_class']!r}")
     v["shards"] = tuple(v["shards"])
+    v["metrics_listen"] = metrics_listen("gateway.metrics_listen", v["metrics_listen"])
     return GatewayConfig(**v, classes=classes, source=source)
 
 

@@ -18,6 +18,7 @@ from xxnode.config.cluster import ClusterConfig
 from xxnode.config.defaults import DEFAULT_CONFIG, builtin_tables, read_toml
 from xxnode.config.functions import FunctionsConfig
 from xxnode.config.memory import MemoryConfig
+from xxnode.config.shard import METRICS_DOC, metrics_listen
 from xxnode.schema import ConfigError, Key, check
 
 ENV_CONFIG = "XX_CONFIG"
@@ -35,6 +36,7 @@ KEYS = (
     Key("default_timeout", "seconds", 300.0, "a job's timeout when its spec names none (<= max_timeout)", least=0, above=True),
     Key("max_timeout", "seconds", 3600.0, "the longest timeout a job may ask for", least=0, above=True),
     Key("keep_finished", "int", 1000, "finished jobs kept in memory and on disk (the journal keeps all)", least=1),
+    Key("metrics_listen", "str", "", METRICS_DOC),
 )  # fmt: skip
 
 
@@ -60,6 +62,7 @@ class NodeConfig:
     functions: FunctionsConfig = FunctionsConfig()
     cluster: ClusterConfig | None = None  # None: a node on its own
     source: str = ""
+    metrics_listen: str = ""  # HOST:PORT of /metrics; "": off
 
 
 def parse(data: Mapping, source: str = "") -> NodeConfig:
@@ -105,6 +108,7 @@ def parse(data: Mapping, source: str = "") -> NodeConfig:
         functions=functions,
         cluster=cluster,
         source=source,
+        metrics_listen=metrics_listen("node.metrics_listen", v["metrics_listen"]),
     )
 
 

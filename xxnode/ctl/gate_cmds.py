@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from xxnode import wire
 from xxnode.config.defaults import builtin_classes
 from xxnode.ledger.bill import bill_doc, bill_text
 from xxnode.ledger.store import KEEP, Conflict, LedgerError, NotFound, open_store
@@ -74,6 +75,10 @@ def register(sub) -> None:
     u.add_argument(
         "--store", metavar="URL", help="the gateway's store (default: SQLite in the state dir)"
     )
+    u.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="Prometheus /metrics: the gateway's at PORT, the shard's at PORT+1, the node's at PORT+2",
+    )  # fmt: skip
     u.set_defaults(func=lambda args: _guard(cmd_up, args), command="up")
 
 
@@ -219,9 +224,10 @@ class _Up:
     address, so what it held resumes from its state dir: the shard's journal, the node's
     journal and cgroups, the gateway's store."""
 
-    def __init__(self, state: Path, port: int, store: str | None = None):
+    def __init__(self, state: Path, port: int, store: str | None = None, metrics: str = ""):
         self.state, self.port = state, port
         self.store = store  # None: SQLite in the state dir
+        self.metrics = metrics  # HOST:PORT: gateway's /metrics; the shard's +1, the node's +2
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.again: list[tuple[list[str], bool]] = []  # per proc: argv to restart it, control
         self.restarts: dict[int, list[float]] = {}
@@ -246,7 +252,7 @@ class _Up:
 
         def shard_argv(listen: str) -> list[str]:
             return [py, "-m", "xxnode.shard.main", "--listen", listen, "--key-file", str(key),
-                    "--state-dir", str(st / "shard")]  # fmt: skip
+                    "--state-dir", str(st / "shard"), *self._metrics_flag(1)]  # fmt: skip
 
         shard = self._spawn("xxshard", shard_argv("127.0.0.1:0"), control=True)
         line = shard.stdout.readline()
@@ -263,7 +269,8 @@ class _Up:
             "[functions]\n" + "".join(f"{k} = {v!r}\n" for k, v in self.functions.items())
         )
         rd, wr = os.pipe()
-        node_argv = [py, "-m", "xxnode.node.main", "--config", str(node_toml)]
+        node_argv = [py, "-m", "xxnode.node.main", "--config", str(node_toml),
+                     *self._metrics_flag(2)]  # fmt: skip
         self._spawn("xxnode", node_argv + ["--ready-fd", str(wr)], pass_fds=(wr,))
         self.again[-1] = (node_argv, False)  # restarted without the ready fd
         os.close(wr)
@@ -276,9 +283,16 @@ class _Up:
         self._gateway_argv = lambda port: [
             py, "-m", "xxnode.gateway.main", "--listen", f"127.0.0.1:{port}", "--store", db,
             "--shards", shard_addr, "--key-file", str(key), "--public-url", f"http://127.0.0.1:{port}",
+            *self._metrics_flag(0),
         ]  # fmt: skip
         self.add_gateway(port)
         return url, self._credentials(db)
+
+    def _metrics_flag(self, offset: int) -> list[str]:
+        if not self.metrics:
+            return []
+        host, port = wire.parse_addr(self.metrics)
+        return ["--metrics-listen", f"{host}:{port + offset}"]
 
     def add_gateway(self, port: int, event_workers: int | None = None) -> str:
         """One more xxgate on the same store and shard (several share a PostgreSQL store)."""
@@ -424,7 +438,12 @@ def _kill_cgroup(name: str) -> None:
 def cmd_up(args) -> int:
     if os.geteuid() != 0:
         raise _Usage("needs root: the node makes cgroups and sets SCHED_FIFO")
-    up = _Up(args.state_dir.resolve(), args.port, args.store)
+    if args.metrics:
+        try:
+            wire.parse_addr(args.metrics)
+        except ValueError as e:
+            raise _Usage(f"--metrics: {e}") from None
+    up = _Up(args.state_dir.resolve(), args.port, args.store, args.metrics or "")
     try:
         url, creds = up.start()
         print(f"endpoint: {url}", flush=True)

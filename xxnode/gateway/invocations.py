@@ -14,10 +14,12 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 
 from aiohttp import web
 
+from xxnode import logs, metrics
 from xxnode.gateway import arn, errors
 from xxnode.gateway.budgets import Budgets
 from xxnode.gateway.invoke import Call, Invoker
@@ -63,7 +65,9 @@ class Invocations:
             )  # fmt: skip
             self._wake.set()
             return web.Response(status=202, headers=headers | {"x-amzn-RequestId": inv.id})
-        out = await self.invoker.invoke(self.call(fn, cls, chain), payload)
+        # the cluster job's id is the RequestId the caller sees: one id in every daemon's log
+        jid = uuid.UUID(request["request_id"]).bytes
+        out = await self.run(fn, cls, payload, chain, jid)
         if out.failure is not None:
             raise errors.service_error(out.failure)
         headers["X-Amz-Executed-Version"] = fn.version
@@ -105,8 +109,24 @@ class Invocations:
             memory_mb=fn.memory_mb, env=dict(fn.environment), cls=cls, chain=chain,
         )  # fmt: skip
 
-    async def run(self, fn: Function, cls: str, payload: bytes, chain: dict | None = None):
-        return await self.invoker.invoke(self.call(fn, cls, chain), payload)
+    async def run(
+        self, fn: Function, cls: str, payload: bytes, chain: dict | None = None,
+        job_id: bytes | None = None,
+    ):  # fmt: skip
+        """One RequestResponse invocation through the cluster, timed and counted."""
+        t0 = time.monotonic()
+        out = await self.invoker.invoke(self.call(fn, cls, chain), payload, job_id)
+        took = time.monotonic() - t0
+        outcome = "failed" if out.failure else "error" if out.function_error else "succeeded"
+        metrics.finished("gateway", cls, "function", outcome, took)
+        level = logging.DEBUG if outcome == "succeeded" else logging.INFO
+        if log.isEnabledFor(level):  # a line per invocation only when asked for
+            inv = logs.invocation_id(job_id) if job_id else None
+            log.log(level, "invoke %s:%s (%s) for %s: %s in %.1f ms%s", fn.name, fn.version,
+                    cls, fn.tenant, outcome, took * 1e3, f": {out.failure}" if out.failure else "",
+                    extra=logs.about(invocation=inv, cls=cls, tenant=fn.tenant,
+                                     function=fn.name, node=out.node))  # fmt: skip
+        return out
 
     async def function_for(
         self, request: web.Request, owner: str | None, name: str, qualifier: str

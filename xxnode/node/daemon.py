@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import OrderedDict
 
+from xxnode import logs, metrics
 from xxnode.config import NodeConfig
 from xxnode.journal import Journal
 from xxnode.kernel import clone3
@@ -37,6 +38,13 @@ from xxnode.policy.node_queue import NodeQueue
 __all__ = ["Node", "StartupError"]
 
 log = logging.getLogger("xxnode")
+
+
+def _about(job: Job) -> dict:
+    """A job's log fields: its local id, class, and the cluster's id when a shard placed it."""
+    cid = (job.cluster or {}).get("job")
+    inv = logs.invocation_id(bytes.fromhex(cid)) if cid else None
+    return logs.about(job=job.id, cls=job.cls, invocation=inv)
 
 
 class Node:
@@ -190,7 +198,8 @@ class Node:
         )  # fmt: skip
         self.loop.add_reader(job.shim_pidfd, self._on_shim_exit, job)
         c = self.classes.get(job.cls)
-        log.info("job %s (%s) started: pid %s, %s", job.id, job.cls, job.pid, c.sched_text())
+        log.info("job %s (%s) started: pid %s, %s", job.id, job.cls, job.pid, c.sched_text(),
+                 extra=_about(job))  # fmt: skip
 
     # -- completion -----------------------------------------------------------------------
     def _on_shim_exit(self, job: Job) -> None:
@@ -270,9 +279,12 @@ class Node:
         job.state, job.result = "finished", res
         self.jobs.pop(job.id, None)
         self.remember(res)
+        metrics.finished("node", job.cls, "job", res["state"], res["wall_ms"] / 1e3,
+                         res["queued_ms"] / 1e3)  # fmt: skip
         log.info(
             "job %s (%s) %s%s: wall %.1f ms, cpu %.1f ms", job.id, job.cls, res["state"],
             f" ({res['reason']})" if res["reason"] else "", res["wall_ms"], res["cpu_ms"],
+            extra=_about(job),
         )  # fmt: skip
         for fut in job.waiters:
             if not fut.done():

@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
 
 import msgspec
 
-from xxnode import wire
+from xxnode import logs, metrics, wire
 from xxnode.cluster import code
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
@@ -48,6 +49,7 @@ from xxnode.node.usage import UsageOutbox
 OUTPUT_BUDGET = wire.MAX_PAYLOAD - 4096  # both streams, as the DONE's payload carries them
 TAIL = 2048  # bytes of each stream `xxctl job` shows: with the rest, one datagram
 KEEP_LOCAL_IDS = 10_000
+log = logging.getLogger("xxnode")
 
 
 def place_record(m: wire.Place) -> dict:
@@ -194,6 +196,7 @@ class NodeExecutor:
         # metered before the result leaves: a result the caller saw is always billed
         self.usage.add(self._usage_record(hexid, job, res["report"]), url or "")
         err = res["error"]
+        _observe(job, res["report"], err)
         _keep(self.invoked, hexid, {
             "status": 0 if err is None else 1,
             "error": None if err is None else {k: str(v)[:1024] for k, v in err.items() if k != "stackTrace"},
@@ -325,6 +328,25 @@ async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> D
     for m, shard, granted in ex.unsettled():
         d.resume(m, shard, granted)
     return d
+
+
+def _observe(job: ClusterJob, rep: dict, err: dict | None) -> None:
+    """An invocation's metrics, and its log line: at debug when it succeeded (a line per
+    invocation costs what the warm path is measured in), at info when it did not."""
+    outcome = "succeeded" if err is None else "failed"
+    if err is not None and err.get("errorType") == "Sandbox.Timedout":
+        outcome = "timeout"
+    metrics.finished("node", job.cls, "function", outcome, rep["duration_ms"] / 1e3,
+                     rep["queued_ms"] / 1e3)  # fmt: skip
+    level = logging.DEBUG if err is None else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(
+            level, "invocation %s of %s (%s) %s in %.1f ms%s%s", rep["request_id"],
+            rep["function"], job.cls, outcome, rep["duration_ms"],
+            " (cold)" if rep["cold"] else "", f": {err.get('errorType')}" if err else "",
+            extra=logs.about(invocation=logs.invocation_id(job.id), cls=job.cls,
+                             tenant=rep["tenant"], function=rep["function"], env=rep["env"]),
+        )  # fmt: skip
 
 
 def _keep(table: OrderedDict, key: str, value) -> None:

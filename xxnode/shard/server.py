@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from xxnode import wire
+from xxnode import logs, metrics, wire
 from xxnode.classes import ClassTable
 from xxnode.cluster.spec import spec_error
 from xxnode.config.shard import ShardParams
@@ -177,8 +177,9 @@ class Shard(Answers, wire.Service):
     def _reject(self, m: wire.Submit, addr: Addr, reason: str) -> wire.SubmitAck:
         self.counts["rejected"] += 1
         log.info(
-            "job %s (%s) from %s rejected: %s", m.job.hex(), m.cls, wire.fmt_addr(addr), reason
-        )
+            "job %s (%s) from %s rejected: %s", m.job.hex(), m.cls, wire.fmt_addr(addr), reason,
+            extra=logs.about(invocation=logs.invocation_id(m.job), cls=m.cls),
+        )  # fmt: skip
         return _ack(m.job, False, reason)
 
     async def _submit_fetch(self, m: wire.Submit, addr: Addr) -> Message:
@@ -285,6 +286,8 @@ class Shard(Answers, wire.Service):
             return _when(self._unsynced.get(m.job), None)
         if job.state == "placing":  # this DONE overtook the node's ACCEPT
             self.counts["placed"] += 1
+            metrics.queued("shard", job.cls, metrics.kind_of(job.place.spec),
+                           self.clock() - job.t_enq)  # fmt: skip
         self._unplace(job)
         self._finish(job, m.status)
         return _when(self._unsynced.get(m.job), None)
@@ -413,6 +416,12 @@ class Shard(Answers, wire.Service):
                 n.placed.add(job.id)
                 n.jobs += 1
                 self.counts["placed"] += 1
+                metrics.queued("shard", job.cls, metrics.kind_of(job.place.spec),
+                               self.clock() - job.t_enq)  # fmt: skip
+                if log.isEnabledFor(logging.DEBUG):  # a line per job is for debugging only
+                    log.debug("job %s (%s) placed on %s, %.1f ms after submission",
+                              job.id.hex(), job.cls, n.id, (self.clock() - job.t_enq) * 1e3,
+                              extra=_about(job))  # fmt: skip
             else:
                 self.counts["refused"] += 1
                 self.idle.remove(n.id)
@@ -449,6 +458,7 @@ class Shard(Answers, wire.Service):
                     logging.DEBUG if quiet else logging.INFO,
                     "job %s (%s) done on %s: %s, %.1f ms after submission", job.id.hex(), job.cls,
                     job.node or "-", _status_words(status), (self.clock() - job.t_enq) * 1e3,
+                    extra=_about(job),
                 )  # fmt: skip
         self.jobs.pop(job.id, None)
         self.grants.pop(job.id, None)
@@ -471,6 +481,8 @@ class Shard(Answers, wire.Service):
                 self.ran_on.popitem(last=False)
         if status != wire.DENIED:
             self.counts["done"] += 1
+            metrics.finished("shard", job.cls, metrics.kind_of(job.place.spec),
+                             metrics.outcome_of_status(status), self.clock() - job.t_enq)  # fmt: skip
         self._kick()
 
     # failure detection -----------------------------------------------------------------
@@ -524,6 +536,10 @@ class Shard(Answers, wire.Service):
             await self.ep.request(wire.parse_addr(arbiter), msg, timeout=10.0)
         except (TimeoutError, ValueError):
             pass  # the submitter is gone: nobody is waiting for this job's fate
+
+
+def _about(job: QueuedJob) -> dict:
+    return logs.about(invocation=logs.invocation_id(job.id), cls=job.cls, node=job.node)
 
 
 def _status_words(status: int) -> str:
