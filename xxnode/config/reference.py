@@ -20,6 +20,10 @@ checks a file without starting.
 
 A partial file overrides the built-in defaults (`xxnode/config/default.toml`): a file with
 only `[node] max_running = 4` keeps the built-in classes.
+
+Installed as systemd services (`xxctl install`, `docs/operators.md`), the daemons read
+`/etc/xx/node.toml`, `/etc/xx/shard.toml` and `/etc/xx/gateway.toml`: commented files that
+make one machine work out of the box (`systemd/etc/` in the source tree).
 """
 
 FILES = (

@@ -13,7 +13,7 @@ from xxnode.cli import add_common
 
 # Modules under xxnode.ctl that provide register(subparsers); each subcommand sets
 # `func(args) -> int` as its handler.
-COMMAND_MODULES = ("doctor", "node_cmds", "cluster_cmds", "fn_cmds", "gate_cmds")
+COMMAND_MODULES = ("doctor", "node_cmds", "cluster_cmds", "fn_cmds", "gate_cmds", "install_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

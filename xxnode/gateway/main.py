@@ -20,9 +20,10 @@ import sys
 import uvloop
 from aiohttp import web
 
-from xxnode import wire
+from xxnode import sdnotify, wire
 from xxnode.cli import add_common, setup_logging
 from xxnode.config import gateway as gateway_config
+from xxnode.config.shard import metrics_listen
 from xxnode.gateway.invoke import Invoker
 from xxnode.gateway.server import Gateway
 from xxnode.ledger.store import LedgerError, open_store
@@ -33,6 +34,7 @@ log = logging.getLogger("xxgate")
 
 
 async def serve(cfg: gateway_config.GatewayConfig, key: bytes) -> None:
+    notifier = sdnotify.Notifier.from_environ()
     store = await asyncio.to_thread(open_store, cfg.store)
     invoker = Invoker([wire.parse_addr(s) for s in cfg.shards], key, cfg.code_url, cfg.margin)
     await invoker.start()
@@ -49,15 +51,28 @@ async def serve(cfg: gateway_config.GatewayConfig, key: bytes) -> None:
     await site.start()
     bound = runner.addresses[0]
     gate.invocations.start()
+    exporter = None
+    if cfg.metrics_listen:  # its own address: /metrics is not for the tenants' API port
+        from xxnode import metrics
+
+        metrics.declare("gateway", cfg.classes.names(), ("function",), queues=False)
+        exporter, _ = await metrics.serve(cfg.metrics_listen, [metrics.gateway_collector(gate)])
     print(f"xxgate: listening on http://{bound[0]}:{bound[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, stop.set)
+    notifier.ready(f"listening on http://{bound[0]}:{bound[1]}")
+    watchdog = notifier.start_watchdog()  # from this loop: a hung loop stops the pings
     try:
         await stop.wait()
+        notifier.stopping("stopping")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         await gate.invocations.stop()
+        if exporter is not None:
+            await exporter.cleanup()
         await runner.cleanup()
         await invoker.close()
         store.close()
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = gateway_config.load(args.config)
         over = {
             "listen": args.listen, "store": args.store, "public_url": args.public_url,
+            "metrics_listen": metrics_listen("--metrics-listen", args.metrics_listen),
             "shards": tuple(s.strip() for s in args.shards.split(",")) if args.shards else None,
         }  # fmt: skip
         cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v})

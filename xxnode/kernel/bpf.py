@@ -33,8 +33,23 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-# Where the daemon looks for the object unless told otherwise.
-DEFAULT_OBJECT = Path(os.environ.get("XX_BPF_OBJECT", REPO / "ebpf" / "memwatch.bpf.o"))
+# Where `xxctl install` puts the object, then (a source checkout) where `make -C ebpf` builds it.
+OBJECT_PATHS = (
+    Path("/usr/local/lib/xx/memwatch.bpf.o"),
+    Path("/usr/lib/xx/memwatch.bpf.o"),
+    REPO / "ebpf" / "memwatch.bpf.o",
+)
+
+
+def default_object() -> Path:
+    """$XX_BPF_OBJECT (the unit sets it), else the first of OBJECT_PATHS that exists."""
+    env = os.environ.get("XX_BPF_OBJECT")
+    if env:
+        return Path(env)
+    return next((p for p in OBJECT_PATHS if p.is_file()), OBJECT_PATHS[-1])
+
+
+DEFAULT_OBJECT = default_object()  # at import; MemWatch.open() looks again
 
 COUNTERS_MAP = "counters"
 UNATTRIBUTED = 0  # MEMWATCH_UNATTRIBUTED in memwatch.h
@@ -262,9 +277,12 @@ class MemWatch:
     ) -> MemWatch:
         """Load and attach every hook this kernel has. `exclude` names hooks (sections) not
         to load at all. Raises BpfUnavailable if no hook can be attached."""
-        path = Path(obj_path) if obj_path is not None else DEFAULT_OBJECT
+        path = Path(obj_path) if obj_path is not None else default_object()
         if not path.is_file():
-            raise BpfUnavailable(f"no eBPF object at {path}: build it with `make -C ebpf`")
+            raise BpfUnavailable(
+                f"no eBPF object at {path}: build it with `make -C ebpf` (`xxctl install` "
+                "puts it in /usr/local/lib/xx)"
+            )
         L = _get_libbpf()
         with L.lock:
             L.take_messages()

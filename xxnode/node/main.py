@@ -15,11 +15,11 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 
-from xxnode import config
+from xxnode import config, sdnotify
 from xxnode.cli import add_common, setup_logging
+from xxnode.config.shard import metrics_listen
 
 log = logging.getLogger("xxnode")
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("xxnode", args)
     try:
         cfg = config.load(args.config)
+        metrics_addr = metrics_listen("--metrics-listen", args.metrics_listen) or cfg.metrics_listen
     except config.ConfigError as e:
         print(f"xxnode: config: {e}", file=sys.stderr)
         return 2
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from xxnode.node.api import Api
     from xxnode.node.daemon import Node, StartupError
 
+    notifier = sdnotify.Notifier.from_environ()  # taken out of the env the jobs inherit
     node = Node(cfg)
     try:
         node.prepare()
@@ -61,10 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         stop = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
-        task = loop.create_task(Api(n, on_ready=lambda: _ready(args.ready_fd)).serve())
+        exporter = None
+        if metrics_addr:  # up before READY: a ready node can be scraped
+            from xxnode import metrics
+
+            metrics.declare("node", cfg.classes.names(), ("function", "job"), queues=True)
+            try:
+                exporter, _ = await metrics.serve(metrics_addr, [metrics.node_collector(n)])
+            except OSError as e:
+                raise RuntimeError(str(e)) from None
+        watchdog = []  # the task that pings systemd's watchdog from this loop, once ready
+        on_ready = lambda: watchdog.append(_ready(args.ready_fd, notifier))  # noqa: E731
+        task = loop.create_task(Api(n, on_ready=on_ready).serve())
         done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if exporter is not None:
+            await exporter.cleanup()
         if task in done:
             task.result()  # raise what stopped the server
+        notifier.stopping("stopping; running jobs continue")
         task.cancel()
         log.info(
             "stopping on %s; running jobs continue and will be re-adopted",
@@ -81,23 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ready(fd: int | None) -> None:
-    """Tell whoever started us that the socket is up: --ready-fd, and systemd (Type=notify)."""
+def _ready(fd: int | None, notifier: sdnotify.Notifier):
+    """Tell whoever started us that the socket is up: --ready-fd, and systemd (Type=notify,
+    READY=1); then ping systemd's watchdog from this loop, so a hung loop is restarted."""
     if fd is not None:
         try:
             os.write(fd, b"READY\n")
             os.close(fd)
         except OSError:
             pass
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if addr:
-        if addr.startswith("@"):
-            addr = "\0" + addr[1:]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            try:
-                s.sendto(b"READY=1", addr)
-            except OSError:
-                pass
+    notifier.ready("serving")
+    return notifier.start_watchdog()
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ import sys
 
 import uvloop
 
-from xxnode import wire
+from xxnode import sdnotify, wire
 from xxnode.classes import ClassTable
 from xxnode.cli import add_common, setup_logging
 from xxnode.config import shard as shard_config
-from xxnode.config.shard import ShardParams
+from xxnode.config.shard import ShardParams, metrics_listen
 from xxnode.schema import ConfigError
 from xxnode.shard.server import Shard
 from xxnode.shard.store import ShardStore
@@ -36,19 +36,36 @@ log = logging.getLogger("xxshard")
 
 
 async def serve(
-    bind: wire.Addr, key: bytes, classes: ClassTable, p: ShardParams, state_dir: str | None
-) -> None:
+    bind: wire.Addr, key: bytes, classes: ClassTable, p: ShardParams, state_dir: str | None,
+    metrics_addr: str = "",
+) -> None:  # fmt: skip
+    notifier = sdnotify.Notifier.from_environ()
     drop, seed = wire.drop_from_env()
     store = ShardStore(state_dir) if state_dir else None
     shard = Shard(classes, p, store=store)
     addr = await shard.start(bind, wire.Codec(key), drop, seed)
+    exporter = None
+    if metrics_addr:  # up before "listening on": a shard that says so can be scraped
+        from xxnode import metrics
+
+        metrics.declare("shard", classes.names(), ("function", "job"), queues=True)
+        exporter, _ = await metrics.serve(metrics_addr, [metrics.shard_collector(shard)])
     if store is None:
         log.warning("no state_dir: acknowledged jobs do not survive a restart")
     else:
         log.info("state in %s; %d unfinished jobs recovered", state_dir, shard.counts["recovered"])
     log.info("classes: %s", ", ".join(f"{c.name} ({c.price:g})" for c in classes))
     print(f"xxshard: listening on {wire.fmt_addr(addr)}", flush=True)
-    sig = await shard.serve_until_signal()
+    notifier.ready(f"listening on {wire.fmt_addr(addr)}")
+    watchdog = notifier.start_watchdog()  # from this loop: a hung loop stops the pings
+    try:
+        sig = await shard.serve_until_signal()
+        notifier.stopping(f"stopping on {sig.name}")
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        if exporter is not None:
+            await exporter.cleanup()
     log.info(
         "stopping on %s: %d job(s) held%s", sig.name, len(shard.jobs),
         " (on disk: the next xxshard on this state dir resumes them)" if store else " (lost)",
@@ -98,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         gc.set_threshold(20_000, 50, 100)
         state_dir = args.state_dir or cfg.state_dir or None
-        uvloop.run(serve(bind, key, cfg.classes, cfg.params, state_dir))
+        metrics_addr = metrics_listen("--metrics-listen", args.metrics_listen) or cfg.metrics_listen
+        uvloop.run(serve(bind, key, cfg.classes, cfg.params, state_dir, metrics_addr))
     except (ConfigError, ValueError, OSError) as e:
         print(f"xxshard: {e}", file=sys.stderr)
         return 2
