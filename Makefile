@@ -3,7 +3,7 @@ VENV := .venv
 PY   := $(VENV)/bin/python
 PYTEST_VM_FLAGS := -q -p no:cacheprovider
 
-.PHONY: setup demo test lint test-host test-vm clean
+.PHONY: setup demo test lint test-host test-vm test-vm-systemd clean
 
 setup:
 	@tools/setup
@@ -19,7 +19,7 @@ demo: setup
 	@echo
 	@$(PY) tools/demo_cluster
 
-test: setup lint test-host test-vm
+test: setup lint test-host test-vm test-vm-systemd
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -32,6 +32,11 @@ test-host: setup
 # The real-kernel lane: one VM boot runs the whole of tests/vm.
 test-vm: setup
 	vm/run --memory 2G --cpus 2 --swap 1G -- python -m pytest $(PYTEST_VM_FLAGS) tests/vm
+
+# The same kernel with systemd as PID 1: XX installed by `xxctl install`, its units started,
+# killed, stopped and hung under a real systemd (docs/vm.md).
+test-vm-systemd: setup
+	vm/run --systemd --memory 2G --cpus 2 --swap 1G -- python -m pytest $(PYTEST_VM_FLAGS) tests/vm_systemd
 
 clean:
 	rm -rf vm/.cache build *.egg-info
