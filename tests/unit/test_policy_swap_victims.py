@@ -1,6 +1,12 @@
-from xxnode.policy.swap_victims import JobMemory, choose_victims
+from xxnode.policy.swap_victims import (
+    JobMemory,
+    choose_precleans,
+    choose_victims,
+    clean_release_order,
+)
 
 GB = 1 << 30
+MiB = 1 << 20
 
 
 def J(jid, rank, running, gb, t):
@@ -38,3 +44,30 @@ def test_nothing_needed_or_nothing_resident():
     jobs = [J("a", 0, False, 0, 0.0)]
     assert choose_victims(jobs, 0, top_rank=1) == []
     assert choose_victims(jobs, GB, top_rank=1) == []
+
+
+def test_precleans_take_what_reclaim_would_take_first_but_never_a_running_job():
+    jobs = [
+        JobMemory("img-run", 0, True, 500 * MiB, 0.0),
+        JobMemory("img-wait", 0, False, 300 * MiB, 1.0),
+        JobMemory("prof", 1, False, 400 * MiB, 2.0),
+        JobMemory("home", 2, False, 900 * MiB, 3.0),
+    ]
+    # 100 MiB of img-wait are clean already: only the rest counts as still to clean
+    plan = choose_precleans(jobs, {"img-wait": 100 * MiB}, 350 * MiB, top_rank=2)
+    assert plan == [("img-wait", 200 * MiB), ("prof", 150 * MiB)]
+    assert choose_precleans(jobs, {}, 2000 * MiB, top_rank=2)[-1][0] == "prof"  # not home
+
+
+def test_clean_memory_is_released_in_reclaim_order_over_what_each_job_holds_clean():
+    jobs = [
+        JobMemory("prof", 1, False, 0, 0.0),
+        JobMemory("img", 0, False, 0, 1.0),
+        JobMemory("home", 2, False, 0, 2.0),
+    ]
+    clean = {"prof": 64 * MiB, "img": 32 * MiB, "home": 16 * MiB}
+    assert clean_release_order(jobs, clean, 80 * MiB, top_rank=2) == [
+        ("img", 32 * MiB),
+        ("prof", 48 * MiB),
+    ]
+    assert clean_release_order(jobs, {}, 80 * MiB, top_rank=2) == []

@@ -75,8 +75,9 @@ async def _scenario(root: Cgroup):
     total = meminfo.meminfo()["MemTotal"]
     jobs: list[Job] = []
     mgr = MemoryManager(
+        # no prefetch here: measure the swap-out; no clean reserve: the reclaim path itself
         root, RANKS, MemoryConfig(target_free_fraction=0.12, low_free_fraction=0.06,
-                                  quiet_s=3600),  # no prefetch here: measure the swap-out
+                                  quiet_s=3600, clean_reserve_fraction=0),
         jobs=lambda: [j.ref for j in jobs], memory_controller=True,
     )  # fmt: skip
     assert mgr.setup() == []
@@ -122,3 +123,70 @@ def test_pressure_swaps_only_low_classes_and_loses_nothing(xxroot):
     assert [r[0] for r in high_res] == [0, 0], high_res
     assert [r[0] for r in low_res] == [0, 0, 0], low_res  # every page came back intact
     assert os.sysconf("SC_PAGE_SIZE") == 4096
+
+
+def _swap_writes() -> int:
+    v = meminfo.vmstat()
+    return (v.get("pswpout", 0) + v.get("zswpout", 0)) * 4096
+
+
+async def _clean_reserve(root: Cgroup):
+    total = meminfo.meminfo()["MemTotal"]
+    jobs: list[Job] = []
+    cfg = MemoryConfig(quiet_s=3600)  # the default reserve; no prefetch to blur the counts
+    mgr = MemoryManager(
+        root, RANKS, cfg, jobs=lambda: [j.ref for j in jobs], memory_controller=True
+    )
+    assert mgr.setup() == []
+    task = asyncio.create_task(mgr.run())
+    try:
+        low = [Job(root, "image", int(total * 0.36) // MiB) for _ in range(2)]
+        jobs += low
+        for j in low:
+            assert await asyncio.to_thread(j.ready) == "ready"
+        # The reserve's size, or what swap allows: a read-back page keeps its swap copy only
+        # while swap is less than half full.
+        mi = meminfo.meminfo()
+        swap_room = mi["SwapTotal"] // 2 - (mi["SwapTotal"] - mi["SwapFree"])
+        want = min(int(total * cfg.clean_reserve_fraction), swap_room) - 2 * cfg.clean_chunk
+        deadline = time.monotonic() + 180
+        while mgr.clean.total() < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)  # the reserve is made at idle priority: poll its size
+        made = mgr.clean.total()
+        resident = {j.id: j.leaf.read_int("memory.current") for j in low}
+        in_swap = sum(j.leaf.read_int("memory.swap.current") for j in low)
+        writes0 = _swap_writes()
+        high = Job(root, "home", int(total * 0.30) // MiB)
+        jobs.append(high)
+        assert await asyncio.to_thread(high.ready) == "ready"
+        written = _swap_writes() - writes0
+        high_swap = high.leaf.read_int("memory.swap.current")
+        results = [await asyncio.to_thread(j.finish) for j in [high, *low]]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return mgr, total, made, resident, in_swap, written, high_swap, results
+
+
+def test_clean_reserve_gives_a_high_class_room_without_a_write(xxroot):
+    """Waiting low-class memory is made clean (a copy in swap, the pages still in RAM), and
+    a high-class job that then needs the room gets it by dropping clean pages: what the
+    node writes to swap meanwhile is a fraction of what it gives."""
+    mgr, total, made, resident, in_swap, written, high_swap, results = asyncio.run(
+        _clean_reserve(xxroot)
+    )
+    released = sum(mgr.stats.clean_released_by_class.values())
+    print(f"clean reserve {made / MiB:.0f} MiB; resident by job (MiB) "
+          f"{ {k: v // MiB for k, v in resident.items()} }; in swap {in_swap / MiB:.0f} MiB; "
+          f"released {released / MiB:.0f} MiB; written meanwhile {written / MiB:.0f} MiB")  # fmt: skip
+    assert made >= min(total * 0.2, 200 * MiB), mgr.stats
+    # still resident: the reserve is memory in use, not free memory
+    assert sum(resident.values()) >= total * 0.6
+    assert in_swap >= made * 0.9  # every clean page has its copy in swap
+    assert not mgr.clean_off, mgr.clean_off  # the probe: this kernel (6.1) keeps the copy
+    # the high job's room came from clean pages, each given up without a write
+    # (tools/bench_reclaim: 0 MiB written per 128 MiB); the kernel's own reclaim, which
+    # knows nothing of the reserve, may still write meanwhile: reported, not asserted
+    assert released >= 100 * MiB, mgr.stats
+    assert high_swap == 0
+    assert [r[0] for r in results] == [0, 0, 0], results  # every page intact

@@ -1,20 +1,26 @@
-"""Per-process knobs under /proc and the process_madvise(2) syscall.
+"""Per-process knobs under /proc, and the syscalls that act on another process's memory.
 
 The OOM killer ranks tasks by oom_score_adj (-1000..1000) plus their share of memory; XX
 sets it by class so the kernel's last resort follows the class order too. process_madvise
-lets the daemon fault a job's swapped memory back in before the job needs it.
+lets the daemon fault a job's swapped memory back in before the job needs it, or push a
+range of it out; /proc/PID/pagemap says which pages of a range are in RAM, and
+process_vm_readv reads a range (a read fault keeps a swapped page's copy in swap, so the page
+comes back clean — the memory manager's clean reserve rests on that).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from array import array
 from pathlib import Path
 
 _NR_PROCESS_MADVISE = 440  # x86_64
 MADV_WILLNEED = 3
 MADV_PAGEOUT = 21
 _IOV_MAX = 1024
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_PM_PRESENT = 63  # /proc/PID/pagemap: bit 63 page present in RAM (bit 62: swapped)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -81,3 +87,43 @@ def prefetch(pid: int) -> int:
         return process_madvise(fd, anon_ranges(pid), MADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def pageout(pid: int, ranges: list[tuple[int, int]]) -> int:
+    """Push a process's ranges out (MADV_PAGEOUT): a clean page (its copy still in swap) is
+    dropped at once, a dirty one written to swap first. Returns bytes advised."""
+    fd = os.pidfd_open(pid)
+    try:
+        return process_madvise(fd, ranges, MADV_PAGEOUT)
+    finally:
+        os.close(fd)
+
+
+def present_pages(pid: int, addr: int, length: int) -> int:
+    """Pages of [addr, addr+length) in RAM, from /proc/PID/pagemap (8 bytes a page)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        data = f.read(length // PAGE * 8)
+    entries = array("Q")
+    entries.frombytes(data[: len(data) // 8 * 8])
+    return sum(e >> _PM_PRESENT for e in entries)
+
+
+def read_range(pid: int, addr: int, length: int, block: int = 1 << 20) -> int:
+    """Read [addr, addr+length) of another process (process_vm_readv) into a scratch
+    buffer, faulting its pages in as reads. Returns bytes read (less if the range ends)."""
+    buf = ctypes.create_string_buffer(block)
+    local = _Iovec(ctypes.addressof(buf), block)
+    done = 0
+    while done < length:
+        n = min(block, length - done)
+        local.len = n
+        remote = _Iovec(addr + done, n)
+        r = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if r < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
+        if r == 0:
+            break
+        done += r
+    return done

@@ -11,7 +11,11 @@ lowest class's: priority scheduling means those jobs will not run soon anyway. T
     and write `memory.reclaim` on their cgroups (in a worker thread: the write blocks
     until the kernel has reclaimed), zswap first, the swap device behind it;
   * when pressure has passed for a while, fault swapped jobs back in with
-    process_madvise(MADV_WILLNEED), highest class first, within the free headroom.
+    process_madvise(MADV_WILLNEED), highest class first, within the free headroom;
+  * while the node is calm, keep a clean reserve (node/clean_pages.py): waiting low-class
+    memory written to swap and read back, still in RAM and in use, that a higher class is
+    given in a fraction of a write's time. Free memory is only the target; the rest of
+    what a high-class job may need comes from the reserve, not from idle RAM.
 
 Idle function environments (node/env/) come first of all: they are sampled as jobs of the
 "idle" rank, below every class, so reclaim takes their pages before any job's; when reclaim
@@ -35,6 +39,10 @@ Constants, each with its reason:
                 PSI event or a finished job changes what is needed.
   quiet_s       pressure-free time before prefetching and thawing (5 s): swapping back in
                 while the high class still grows would only swap out again.
+  clean_reserve  30% of RAM: what a high-class job arriving on a full node may ask for in
+                its first seconds beyond the free target (tools/bench_memory's high job asks
+                35% with 10% free). Made at idle CPU priority, by a thread of its own, only
+                while nothing needs memory; released before any write-backed reclaim.
   freeze_swapped  off by default; when on, a job we reclaim from is frozen (cgroup.freeze)
                 until quiet_s has passed, so it cannot fault its pages back meanwhile —
                 tools/bench_memory --active measures whether that helps.
@@ -48,9 +56,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import logging
+import mmap
+import os
 import select
 import threading
 import time
@@ -61,7 +72,13 @@ from dataclasses import asdict, dataclass, field
 from xxnode.config.memory import MemoryConfig
 from xxnode.kernel import meminfo, proc, psi
 from xxnode.kernel.cgroup import Cgroup, CgroupError
-from xxnode.policy.swap_victims import JobMemory, choose_victims
+from xxnode.node.clean_pages import CleanPages
+from xxnode.policy.swap_victims import (
+    JobMemory,
+    choose_precleans,
+    choose_victims,
+    clean_release_order,
+)
 
 log = logging.getLogger("xxnode.memory")
 MiB = 1 << 20
@@ -70,6 +87,16 @@ PAGE = 4096
 # pages until their next invocation, whatever its class (issue: "idle costs almost nothing")
 IDLE = "idle"
 IDLE_RANK = -1
+# MemAvailable is read this often while clean memory is held: a job faulting in 1 GiB/s
+# eats a 1 GiB node's whole 10 % free target in 100 ms and then stalls until pages are
+# freed; looking every 50 ms acts with half of it left. A read of /proc/meminfo costs
+# tens of microseconds.
+WATCH_S = 0.05
+
+
+def _swap_writes() -> int:
+    v = meminfo.vmstat()
+    return (v.get("pswpout", 0) + v.get("zswpout", 0)) * PAGE
 
 
 @dataclass(frozen=True)
@@ -131,6 +158,10 @@ class Stats:
     shortfall_events: int = 0
     idle_evictions: int = 0  # times idle environments were killed because reclaim fell short
     tick_errors: int = 0  # ticks that raised; logged, and the loop went on
+    clean_made: int = 0  # bytes made clean (written to swap, read back) since start
+    clean_released_by_class: dict[str, int] = field(default_factory=dict)
+    clean_aborted: int = 0  # chunks written but not read back: a higher class needed room
+    clean_paused: str = ""  # why no memory is being made clean now, if it is wanted
 
 
 class MemoryManager:
@@ -158,6 +189,7 @@ class MemoryManager:
         self._adjusted: set[int] = set()
         self._frozen: dict[str, Cgroup] = {}  # job id -> its frozen leaf
         self._last_pressure = float("-inf")
+        self._last_write_need = float("-inf")  # last time reclaim had to write (not just drop)
         self._wake: asyncio.Event | None = None
         self._psi_at: float | None = None  # first PSI event since the last step, for reaction
         self._psi_pending = False  # a PSI event came since the last step began
@@ -166,6 +198,8 @@ class MemoryManager:
         self.trigger_error: str | None = None
         self.trigger_note = "armed"
         self.min_oom_adj = -999 if proc.has_capability(proc.CAP_SYS_RESOURCE) else 0
+        self.clean = CleanPages(cfg.clean_chunk)
+        self.clean_off = ""  # why the clean reserve was turned off, if it was
         # kill idle function environments to free `need` bytes (the daemon sets it; called
         # from the worker thread, so it must hand over to the loop itself)
         self.evict: Callable[[int], None] | None = None
@@ -205,6 +239,10 @@ class MemoryManager:
                     cg.write(knob, value)
                 except CgroupError as e:
                     problems.append(str(e))
+        if self.cfg.clean_reserve_fraction > 0:
+            self.clean_off = self._probe_clean_copies()
+            if self.clean_off:
+                problems.append(self.clean_off)
         # memory.low only protects as far as every ancestor does.
         with contextlib.suppress(CgroupError):
             if self.root.has("memory.low"):
@@ -282,6 +320,7 @@ class MemoryManager:
                 )  # fmt: skip
             )
         self._cpu_seen = seen
+        self.clean.keep_only({j.job_id for j in jobs if not j.running})
         return Sample(
             time.monotonic(), mi.get("MemTotal", 0), mi.get("MemAvailable", 0), some, full, jobs
         )
@@ -355,6 +394,138 @@ class MemoryManager:
                 self._frozen[job.job_id] = leaf
         return ev.reclaimed
 
+    def _release_clean(self, s: Sample, woke_at: float | None) -> int:
+        """Under the free target, clean memory goes first, PSI or not: it costs no write,
+        so there is no reason to wait for stalls before giving it up."""
+        short = int(s.total * self.cfg.target_free_fraction) - s.available
+        held = self.clean.by_job()
+        if short <= 0 or not held:
+            return 0
+        mem = [JobMemory(j.job_id, j.rank, j.running, 0, j.started_at) for j in s.jobs]
+        cls = {j.job_id: j.cls for j in s.jobs}
+        freed = 0
+        for jid, n in clean_release_order(mem, held, short, self.top_rank):
+            t0 = time.monotonic()
+            got = self.clean.release(jid, cls[jid], n)
+            ms = (time.monotonic() - t0) * 1000
+            reaction = (t0 - woke_at) * 1000 if woke_at is not None else None
+            self.events.append(
+                ReclaimEvent(time.time(), jid, cls[jid], n, got, ms, reaction, "clean")
+            )
+            log.info("released %d MiB of clean memory from %s (%s) in %.0f ms",
+                     got // MiB, jid, cls[jid], ms)  # fmt: skip
+            freed += got
+        self.stats.clean_released_by_class = dict(self.clean.released_by_class)
+        return freed
+
+    # -- the clean reserve (its own thread, at idle priority) ---------------------------
+    @staticmethod
+    def _probe_clean_copies() -> str:
+        """Does a page read back keep its swap copy here? Push 4 MiB of our own out, read it
+        back, push it out again and count the writes: on kernels whose zswap drops the copy
+        when a page is loaded the second push writes it all again, and the reserve would
+        only be extra work. Returns why the reserve is off, or ""."""
+        if not meminfo.meminfo().get("SwapTotal"):
+            return "clean-reserve-off: no swap"
+        n = 4 * MiB
+        buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            for i in range(0, n, PAGE):
+                buf[i : i + 8] = i.to_bytes(8, "little")  # heap-like: compressible, not zero
+            first = ctypes.c_char.from_buffer(buf)
+            addr = ctypes.addressof(first)
+            del first  # the mapping can be closed only once nothing points into it
+            me = os.getpid()
+            proc.pageout(me, [(addr, n)])
+            proc.read_range(me, addr, n)
+            w0 = _swap_writes()
+            proc.pageout(me, [(addr, n)])
+            written = _swap_writes() - w0
+        except OSError as e:
+            return f"clean-reserve-off: probe failed ({e.strerror})"
+        finally:
+            with contextlib.suppress(Exception):
+                buf.close()
+        if written * 2 > n:
+            return (f"clean-reserve-off: pushing out 4 MiB read back from swap wrote "
+                    f"{written // 1024} KiB: this kernel keeps no copy of a page read back")  # fmt: skip
+        return ""
+
+    def _swap_room(self) -> bool:
+        """A read fault keeps a page's swap copy only while swap is under half full."""
+        mi = meminfo.meminfo()
+        total, free = mi.get("SwapTotal", 0), mi.get("SwapFree", 0)
+        return total > 0 and (total - free) + self.cfg.clean_chunk < total // 2
+
+    def _above_target(self) -> bool:
+        mi = meminfo.meminfo()
+        return mi.get("MemAvailable", 0) >= mi.get("MemTotal", 0) * self.cfg.target_free_fraction
+
+    def _room_wanted(self, since: int | None = None) -> bool:
+        """Someone needs memory now: PSI saw stalls, a reclaim is under way, MemAvailable is
+        under the low watermark — or, during a chunk, it fell by more than the chunk since
+        `since` (a job is faulting fast). Then no page is read back. Being under the free
+        target alone is no reason to stop: a chunk written and then released is the cheap
+        way back to it."""
+        if self._psi_pending or self._reclaiming:
+            return True
+        mi = meminfo.meminfo()
+        avail = mi.get("MemAvailable", 0)
+        if avail < mi.get("MemTotal", 0) * self.cfg.low_free_fraction:
+            return True
+        return since is not None and avail < since - self.cfg.clean_chunk
+
+    def preclean_once(self) -> int:
+        """Make one job's share of the missing reserve clean; returns bytes made clean."""
+        s = self.last
+        if s is None or not self.managed or self.cfg.clean_reserve_fraction <= 0:
+            return 0
+        if self.clean_off:
+            self.stats.clean_paused = self.clean_off
+            return 0
+        want = int(s.total * self.cfg.clean_reserve_fraction) - self.clean.total()
+        if want < self.cfg.clean_chunk or self._room_wanted():
+            return 0
+        if time.monotonic() - self._last_write_need < self.cfg.quiet_s:
+            # Reclaim had to write lately: someone is still growing, and a chunk read back
+            # now would only be written out again by that reclaim.
+            self.stats.clean_paused = "memory is being reclaimed"
+            return 0
+        if not self._swap_room():
+            self.stats.clean_paused = "swap is half full: read-back pages would lose their copy"
+            return 0
+        self.stats.clean_paused = ""
+        # Idle environments are left alone: reclaim takes them first anyway and the pool may
+        # kill them outright, and "swapped" in `xxctl fn envs` must keep meaning out of RAM.
+        jobs = [j for j in s.jobs if j.cls != IDLE]
+        mem = [JobMemory(j.job_id, j.rank, j.running, max(j.anon, 0), j.started_at) for j in jobs]
+        by_id = {j.job_id: j for j in jobs}
+        for jid, n in choose_precleans(mem, self.clean.by_job(), want, self.top_rank):
+            if by_id[jid].leaf is None:
+                continue
+            start = meminfo.meminfo().get("MemAvailable", 0)
+            done = self.clean.make_clean(
+                jid, by_id[jid].leaf, n, lambda start=start: self._room_wanted(start)
+            )
+            self.stats.clean_made, self.stats.clean_aborted = self.clean.made, self.clean.aborted
+            if done:
+                return done
+        return 0
+
+    def _preclean_loop(self) -> None:
+        # Idle priority: this work is for a future arrival and must not slow any job now.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while not self._stop.is_set():
+            try:
+                done = self.preclean_once()
+            except Exception:
+                self.stats.tick_errors += 1
+                log.exception("memory: making memory clean failed; carrying on")
+                done = 0
+            if not done:
+                self._stop.wait(self.cfg.tick_s)
+
     def _evict_idle(self, need: int) -> None:
         if self.evict is not None:
             self.stats.idle_evictions += 1
@@ -403,9 +574,13 @@ class MemoryManager:
             if need := self.need(s, psi_woke):
                 self._evict_idle(need)
             return False
+        if freed := self._release_clean(s, woke_at):
+            self._last_pressure = s.at
+            s = dataclasses.replace(s, available=s.available + freed)
+            self.last = s
         need = self.need(s, psi_woke)
         if need:
-            self._last_pressure = s.at
+            self._last_pressure = self._last_write_need = s.at
             chosen = self.victims(s, min(need, self.cfg.max_chunk))
             if not chosen:
                 self.stats.shortfall_events += 1
@@ -484,12 +659,30 @@ class MemoryManager:
         if self.psi_ok and (self.root.path / "memory.pressure").exists():
             watcher = threading.Thread(target=self._watch_psi, args=(loop,), daemon=True)
             watcher.start()
+        precleaner = None
+        if self.managed and self.cfg.clean_reserve_fraction > 0:
+            precleaner = threading.Thread(target=self._preclean_loop, daemon=True)
+            precleaner.start()
         try:
             more = False  # still short after a chunk: carry on as if PSI had woken us again
+            last_step = float("-inf")
             while True:
                 if not more:
+                    # While clean memory is held, look at MemAvailable every WATCH_S: giving
+                    # it up costs no write, so the sooner the better, before anyone stalls.
+                    watch = self.clean.total() > 0
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.cfg.tick_s)
+                        await asyncio.wait_for(
+                            self._wake.wait(), WATCH_S if watch else self.cfg.tick_s
+                        )
+                    if (
+                        watch
+                        and not self._wake.is_set()
+                        and time.monotonic() - last_step < self.cfg.tick_s
+                        and self._above_target()
+                    ):
+                        continue
+                last_step = time.monotonic()
                 self._wake.clear()
                 woke_at, self._psi_at = self._psi_at, None
                 psi_woke = more or self._psi_pending
@@ -505,8 +698,9 @@ class MemoryManager:
                     more = False
         finally:
             self._stop.set()
-            if watcher:
-                await asyncio.to_thread(watcher.join)
+            for t in (watcher, precleaner):
+                if t:
+                    await asyncio.to_thread(t.join)
 
     # -- exposure ----------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -522,7 +716,12 @@ class MemoryManager:
             pc["memory"] += j.current
             pc["swap"] += j.swap
             pc["zswapped"] += j.zswapped
+        clean = self.clean.by_job()
+        for j in s.jobs:
+            if j.cls != IDLE and j.job_id in clean:
+                per_class[j.cls]["clean"] = per_class[j.cls].get("clean", 0) + clean[j.job_id]
         for c, pc in per_class.items():
+            pc.setdefault("clean", 0)
             pc["reclaimed_total"] = self.stats.reclaimed_by_class.get(c, 0)
             pc["oom_score_adj"] = self.oom_adj(c)
             with contextlib.suppress(OSError, KeyError):

@@ -17,8 +17,8 @@ Only as much as needed is taken: the last victim gives a partial amount.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +59,27 @@ def choose_victims(
         if left <= 0:
             break
     return out
+
+
+def choose_precleans(
+    jobs: Sequence[JobMemory], clean: Mapping[str, int], want_bytes: int, top_rank: int
+) -> list[tuple[str, int]]:
+    """Whose resident memory to make clean (written to swap, kept in RAM), ``want_bytes``
+    in all: the jobs reclaim would take first, so what is made clean is what a higher class
+    will be given. Running jobs are left out: they would dirty their pages again. ``clean``
+    is each job's already-clean bytes."""
+    waiting = [
+        replace(j, resident_bytes=j.resident_bytes - clean.get(j.job_id, 0))
+        for j in jobs
+        if not j.running
+    ]
+    return choose_victims(waiting, want_bytes, top_rank)
+
+
+def clean_release_order(
+    jobs: Sequence[JobMemory], clean: Mapping[str, int], need_bytes: int, top_rank: int
+) -> list[tuple[str, int]]:
+    """Whose clean memory to give up first for ``need_bytes``: the same order as reclaim
+    (lowest class, waiting, largest, newest), over what each job holds clean."""
+    holding = [replace(j, resident_bytes=clean.get(j.job_id, 0)) for j in jobs]
+    return choose_victims(holding, need_bytes, top_rank)
