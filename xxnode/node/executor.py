@@ -36,7 +36,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from xxnode import logs, metrics, wire
+from xxnode import logs, wire
 from xxnode.cluster import code
 from xxnode.cluster.dispatcher import ClusterJob, Dispatcher
 from xxnode.config import ClusterConfig
@@ -331,13 +331,11 @@ async def start(node, cfg: ClusterConfig, placements: dict[str, Placement]) -> D
 
 
 def _observe(job: ClusterJob, rep: dict, err: dict | None) -> None:
-    """An invocation's metrics, and its log line: at debug when it succeeded (a line per
-    invocation costs what the warm path is measured in), at info when it did not."""
+    """An invocation's log line (the pool counts its metrics): at debug when it succeeded
+    (a line per invocation costs what the warm path is measured in), at info when not."""
     outcome = "succeeded" if err is None else "failed"
     if err is not None and err.get("errorType") == "Sandbox.Timedout":
         outcome = "timeout"
-    metrics.finished("node", job.cls, "function", outcome, rep["duration_ms"] / 1e3,
-                     rep["queued_ms"] / 1e3)  # fmt: skip
     level = logging.DEBUG if err is None else logging.INFO
     if log.isEnabledFor(level):
         log.log(

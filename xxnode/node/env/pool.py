@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from xxnode import metrics
 from xxnode.classes import ClassTable
 from xxnode.config.functions import FunctionsConfig
 from xxnode.kernel.cgroup import Cgroup, CgroupError
@@ -391,11 +392,18 @@ class Pool:
 
     # -- what it shows ------------------------------------------------------------------------
     def _remember(self, result: dict) -> None:
+        """Every invocation on this node passes here, cluster-placed or local (`xxctl fn
+        run`): its metrics are counted here, once."""
         r = result["report"]
-        if result["error"]:
+        err = result["error"]
+        outcome = "succeeded" if err is None else "failed"
+        if err:
             self.stats["errors"] += 1
-            if result["error"].get("errorType") == "Sandbox.Timedout":
+            if err.get("errorType") == "Sandbox.Timedout":
                 self.stats["timeouts"] += 1
+                outcome = "timeout"
+        metrics.finished("node", r.get("class") or "", "function", outcome,
+                         r["duration_ms"] / 1e3, r["queued_ms"] / 1e3)  # fmt: skip
         self.results[r["request_id"]] = result
         while len(self.results) > KEEP_RESULTS:
             self.results.popitem(last=False)
