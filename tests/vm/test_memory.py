@@ -133,7 +133,7 @@ def _swap_writes() -> int:
 async def _clean_reserve(root: Cgroup):
     total = meminfo.meminfo()["MemTotal"]
     jobs: list[Job] = []
-    cfg = MemoryConfig(quiet_s=3600)  # the default reserve; no prefetch to blur the counts
+    cfg = MemoryConfig(quiet_s=3600, clean_reserve_fraction=0.30)  # no prefetch to blur counts
     mgr = MemoryManager(
         root, RANKS, cfg, jobs=lambda: [j.ref for j in jobs], memory_controller=True
     )

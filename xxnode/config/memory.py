@@ -19,7 +19,7 @@ KEYS = (
     Key("quiet_s", "seconds", 5.0, "pressure-free time before swapped jobs are prefetched and thawed", least=0),
     Key("prefetch", "bool", True, "fault swapped jobs back in (process_madvise WILLNEED), highest class first, once pressure has passed"),
     Key("freeze_swapped", "bool", False, "freeze a job reclaimed from until quiet_s has passed, so it cannot fault its pages back meanwhile"),
-    Key("clean_reserve_fraction", "float", 0.30, "low-class memory (fraction of RAM) kept resident but clean — written to swap once, read back — so a higher class can be given it without waiting for the write; 0 turns it off", least=0, most=1),
+    Key("clean_reserve_fraction", "float", 0.0, "low-class memory (fraction of RAM) kept resident but clean — written to swap once, read back — so a higher class can be given it without waiting for the write; 0 (the default: it showed no gain in tools/bench_memory, where the overcommit fills half the swap before it can grow) turns it off", least=0, most=1),
     Key("clean_chunk", "bytes", 4 * MiB, "the unit in which memory is made clean: written, read back and later released as one range; small enough to find resident runs in a job that is partly swapped already", least=1 << 20),
     Key("zswap_compressor", "str", "", "zswap compressor to set at start; empty leaves the kernel's choice"),
     Key("zswap_max_pool_percent", "int", 0, "zswap pool limit (% of RAM) to set at start; 0 leaves the kernel's choice", least=0, most=100),
@@ -38,7 +38,7 @@ class MemoryConfig:
     quiet_s: float = 5.0
     prefetch: bool = True
     freeze_swapped: bool = False
-    clean_reserve_fraction: float = 0.30
+    clean_reserve_fraction: float = 0.0
     clean_chunk: int = 4 * MiB
     zswap_compressor: str = ""
     zswap_max_pool_percent: int = 0

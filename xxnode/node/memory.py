@@ -12,10 +12,9 @@ lowest class's: priority scheduling means those jobs will not run soon anyway. T
     until the kernel has reclaimed), zswap first, the swap device behind it;
   * when pressure has passed for a while, fault swapped jobs back in with
     process_madvise(MADV_WILLNEED), highest class first, within the free headroom;
-  * while the node is calm, keep a clean reserve (node/clean_pages.py): waiting low-class
-    memory written to swap and read back, still in RAM and in use, that a higher class is
-    given in a fraction of a write's time. Free memory is only the target; the rest of
-    what a high-class job may need comes from the reserve, not from idle RAM.
+  * optionally, while the node is calm, keep a clean reserve (node/clean_pages.py):
+    waiting low-class memory written to swap and read back, still in RAM and in use, that a
+    higher class is given in a fraction of a write's time.
 
 Idle function environments (node/env/) come first of all: they are sampled as jobs of the
 "idle" rank, below every class, so reclaim takes their pages before any job's; when reclaim
@@ -39,10 +38,12 @@ Constants, each with its reason:
                 PSI event or a finished job changes what is needed.
   quiet_s       pressure-free time before prefetching and thawing (5 s): swapping back in
                 while the high class still grows would only swap out again.
-  clean_reserve  30% of RAM: what a high-class job arriving on a full node may ask for in
-                its first seconds beyond the free target (tools/bench_memory's high job asks
-                35% with 10% free). Made at idle CPU priority, by a thread of its own, only
-                while nothing needs memory; released before any write-backed reclaim.
+  clean_reserve  off by default (0): measured in tools/bench_memory it gave no gain, because
+                the 2x overcommit fills half the swap before the reserve can grow (a read
+                fault keeps a page's copy only below that); set it (e.g. 0.30, what a
+                high-class job may ask beyond the free target) where swap has room. Made at
+                idle CPU priority by a thread of its own, only while nothing needs memory;
+                released before any reclaim that writes.
   freeze_swapped  off by default; when on, a job we reclaim from is frozen (cgroup.freeze)
                 until quiet_s has passed, so it cannot fault its pages back meanwhile —
                 tools/bench_memory --active measures whether that helps.
