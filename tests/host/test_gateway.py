@@ -23,7 +23,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from tests.support.xx_up import XXCTL, Up
+from tests.support.xx_up import ROLE, XXCTL, Up, zipped
 from xxnode.ledger.store import open_store
 
 APP = """
@@ -62,17 +62,6 @@ def handler(event, context):
         "body": f"{http['method']} {event['rawPath']}?{event['rawQueryString']} {body}",
     }
 """
-
-
-def zipped(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, text in files.items():
-            z.writestr(name, textwrap.dedent(text))
-    return buf.getvalue()
-
-
-ROLE = "arn:aws:iam::123456789012:role/lambda-role"
 
 
 @pytest.fixture(scope="module")

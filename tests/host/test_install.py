@@ -288,21 +288,40 @@ def test_a_wheel_carries_what_install_needs(tmp_path):
 def test_a_venv_the_sandboxed_units_cannot_run_is_named(capsys):
     import tempfile
 
-    from xxnode.ctl.install_cmds import _check_scripts
+    from xxnode.ctl.install_cmds import _check_readable, _check_scripts
 
     tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp is 0700
     os.chmod(tmp_path, 0o755)
     private = tmp_path / "private" / "bin"
     private.mkdir(parents=True)
     os.chmod(tmp_path / "private", 0o700)
-    _check_scripts(private)
+    _check_readable(private)  # only readability: under /tmp, where it is, is the next test's
     assert f"{tmp_path / 'private'} is not readable by every user" in capsys.readouterr().err
     os.chmod(tmp_path / "private", 0o755)
-    _check_scripts(private)
+    _check_readable(private)
     assert capsys.readouterr().err == ""
     _check_scripts(Path("/root"))
     assert "in a home directory" in capsys.readouterr().err
     shutil.rmtree(tmp_path)
+
+
+def test_a_venv_where_the_sandboxed_units_see_another_tree_is_named(capsys):
+    """PrivateTmp=yes gives xxshard and xxgate a /tmp of their own and ProtectHome=yes an
+    empty /home: a venv there (a CI clone in /tmp, say) is not in their view, and install
+    says so in one line, with the way out."""
+    from xxnode.ctl.install_cmds import _check_visible
+
+    _check_visible(Path("/tmp/xxtest-clone/.venv/bin"))
+    err = capsys.readouterr().err
+    assert err.startswith("warning   the venv (/tmp/xxtest-clone/.venv/bin) is under /tmp")
+    assert "PrivateTmp=yes" in err and "make the venv in /opt/xx" in err
+    assert err.count("\n") == 1, err
+    _check_visible(Path("/home/someone/xx/.venv/bin"))
+    assert "in a home directory, which xxshard and xxgate (ProtectHome=yes)" in (
+        capsys.readouterr().err
+    )
+    _check_visible(Path("/opt/xx/bin"))
+    assert capsys.readouterr().err == ""
 
 
 def test_the_job_tree_holder_leaves_its_cgroup_to_the_jobs():

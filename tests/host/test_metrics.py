@@ -4,7 +4,6 @@ its HTTP API; and a daemon's log records on the wire in the journal's native for
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -15,19 +14,18 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.xx_up import XXCTL, Up
+from tests.support.poll import until
+from tests.support.xx_up import ROLE, XXCTL, Up, zipped
 from xxnode import logs, metrics
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -40,15 +38,6 @@ def handler(event, context):
         raise ValueError("asked to fail")
     return {"n": event.get("n")}
 """
-ROLE = "arn:aws:iam::123456789012:role/lambda-role"
-
-
-def zipped(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, text in files.items():
-            z.writestr(name, textwrap.dedent(text))
-    return buf.getvalue()
 
 
 def free_ports(n: int) -> int:
@@ -134,20 +123,10 @@ def api(base: str, path: str, **params) -> dict:
     return doc["data"]
 
 
-def until(what, timeout: float, pause: float = 0.2):
-    """what() until it returns something truthy: Prometheus announces nothing, so its API is
-    asked again (each scrape, each second, is the event we wait for)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"not within {timeout} s"
-        time.sleep(pause)
-
-
 def test_prometheus_scrapes_all_three_and_answers_the_high_class_p99(up, prometheus):
     base, proc, plog = prometheus
+    # Prometheus announces nothing, so its API is asked again (each scrape, each second, is
+    # the event waited for)
 
     def targets_up():
         assert proc.poll() is None, plog.read_text()[-3000:]
@@ -296,6 +275,18 @@ def parse_native(data: bytes) -> dict[str, str]:
     return out
 
 
+def shard(tmp_path: Path, env: dict[str, str], *log_args: str) -> subprocess.Popen:
+    """A real xxshard on a port of its own, logging as log_args say: the daemon whose log
+    records these tests read (its first stdout line says when it listens)."""
+    key = tmp_path / "key"
+    key.write_text("ab" * 32)
+    return subprocess.Popen(
+        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0", "--key-file",
+         str(key), *log_args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+
+
 def test_a_real_daemon_logs_native_journal_datagrams_with_its_fields(tmp_path):
     """xxshard with --log-target journal, its socket pointed at ours (XX_JOURNAL_SOCKET):
     every record a datagram in the native format, MESSAGE, PRIORITY, SYSLOG_IDENTIFIER."""
@@ -303,14 +294,7 @@ def test_a_real_daemon_logs_native_journal_datagrams_with_its_fields(tmp_path):
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(path)
     rx.settimeout(30)
-    key = tmp_path / "key"
-    key.write_text("ab" * 32)
-    env = {**os.environ, logs.ENV_SOCKET: path}
-    p = subprocess.Popen(
-        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0", "--key-file",
-         str(key), "--log-target", "journal"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-    )  # fmt: skip
+    p = shard(tmp_path, {**os.environ, logs.ENV_SOCKET: path}, "--log-target", "journal")
     try:
         assert "listening on" in p.stdout.readline()
         first = parse_native(rx.recv(65536))
@@ -354,14 +338,8 @@ def test_a_record_too_big_for_a_datagram_goes_in_a_sealed_memfd(tmp_path):
 
 
 def test_log_format_json_is_one_object_a_line_on_stderr(tmp_path):
-    key = tmp_path / "key"
-    key.write_text("ab" * 32)
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-    p = subprocess.Popen(
-        [sys.executable, "-m", "xxnode.shard.main", "--listen", "127.0.0.1:0", "--key-file",
-         str(key), "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-    )  # fmt: skip
+    p = shard(tmp_path, env, "--log-format", "json")
     try:
         assert "listening on" in p.stdout.readline()
     finally:

@@ -81,36 +81,33 @@ def _run(argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def test_xxshard_ready_watchdog_stopping(tmp_path, notify):
+def _check_module(tmp_path, notify, argv: list[str], status: str) -> None:
+    """`python -m argv` through the whole protocol, its READY=1 saying STATUS=status...,
+    and a clean exit on the SIGTERM."""
     path, s = notify
-    argv = ["xxnode.shard.main", "--listen", "127.0.0.1:0", "--key-file", _key(tmp_path)]
     with open(tmp_path / "log", "wb") as log:
         p = _run(argv, _env(path), log)
     try:
         msg = _check_protocol(p.pid, s)
-        assert msg["STATUS"].startswith("listening on 127.0.0.1:")
+        assert msg["STATUS"].startswith(status)
         assert p.wait(20) == 0
     finally:
         p.kill()
         p.wait()
 
 
+def test_xxshard_ready_watchdog_stopping(tmp_path, notify):
+    argv = ["xxnode.shard.main", "--listen", "127.0.0.1:0", "--key-file", _key(tmp_path)]
+    _check_module(tmp_path, notify, argv, "listening on 127.0.0.1:")
+
+
 def test_xxgate_ready_watchdog_stopping(tmp_path, notify):
-    path, s = notify
     argv = [
         "xxnode.gateway.main", "--listen", "127.0.0.1:0", "--public-url", "http://127.0.0.1:1",
         "--store", f"sqlite:///{tmp_path / 'g.db'}", "--shards", "127.0.0.1:9",
         "--key-file", _key(tmp_path),
     ]  # fmt: skip
-    with open(tmp_path / "log", "wb") as log:
-        p = _run(argv, _env(path), log)
-    try:
-        msg = _check_protocol(p.pid, s)
-        assert msg["STATUS"].startswith("listening on http://127.0.0.1:")
-        assert p.wait(20) == 0
-    finally:
-        p.kill()
-        p.wait()
+    _check_module(tmp_path, notify, argv, "listening on http://127.0.0.1:")
 
 
 def test_xxnode_ready_watchdog_stopping(tmp_path, notify):

@@ -1,14 +1,18 @@
 """A whole XX on this machine for a test: `xxctl up` in a state dir of the test's own, its
-endpoint and credentials, boto3 clients for its tenants, and the real AWS CLI."""
+endpoint and credentials, boto3 clients for its tenants, the real AWS CLI, and a function's
+code as CreateFunction takes it."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import boto3
@@ -19,6 +23,16 @@ from xxnode.node import usage as usage_outbox
 XXCTL = str(Path(sys.executable).with_name("xxctl"))
 AWS = str(Path(sys.executable).with_name("aws"))
 REGION = "us-east-1"
+ROLE = "arn:aws:iam::123456789012:role/lambda-role"  # stored and echoed back, never assumed
+
+
+def zipped(files: dict[str, str]) -> bytes:
+    """A deployment package: {name: source}, each dedented (the tests write them indented)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in files.items():
+            z.writestr(name, textwrap.dedent(text))
+    return buf.getvalue()
 
 
 class Up:
