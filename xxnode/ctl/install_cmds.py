@@ -266,13 +266,36 @@ def _write_manifest(root: Path, manifest: dict, src: Sources) -> None:
     os.replace(tmp, root / MANIFEST)
 
 
+# where xxshard's and xxgate's sandbox shows them something else than the host has
+HIDDEN = (
+    (Path("/tmp"), "under /tmp", "PrivateTmp=yes"),
+    (Path("/var/tmp"), "under /var/tmp", "PrivateTmp=yes"),
+    (Path("/home"), "in a home directory", "ProtectHome=yes"),
+    (Path("/root"), "in a home directory", "ProtectHome=yes"),
+    (Path("/run/user"), "in a home directory", "ProtectHome=yes"),
+)
+
+
 def _check_scripts(scripts: Path) -> None:
-    """xxshard and xxgate run as a dynamic user with ProtectHome=: the venv must be outside
-    /home, /root and /run/user, and readable by everyone, or they cannot even start."""
+    """xxshard and xxgate run as a dynamic user in a sandbox: the venv must be where they
+    see it, and readable by everyone, or they cannot even start. Warnings, not refusals:
+    xxnode has no such sandbox, and a drop-in (BindReadOnlyPaths=) can show them the venv."""
+    _check_visible(scripts)
+    _check_readable(scripts)
+
+
+def _check_visible(scripts: Path) -> None:
     real = scripts.resolve()
-    if any(real.is_relative_to(h) for h in (Path("/home"), Path("/root"), Path("/run/user"))):
-        print(f"warning   the venv ({real}) is in a home directory: xxshard and xxgate "
-              "(ProtectHome=yes) cannot run it; make the venv in /opt/xx", file=sys.stderr)  # fmt: skip
+    for top, where, setting in HIDDEN:
+        if real.is_relative_to(top):
+            print(f"warning   the venv ({real}) is {where}, which xxshard and xxgate ({setting}) "
+                  "cannot see, so they would fail to start: make the venv in /opt/xx and run "
+                  "its xxctl install", file=sys.stderr)  # fmt: skip
+            return
+
+
+def _check_readable(scripts: Path) -> None:
+    real = scripts.resolve()
     for d in (real, *real.parents):
         if d.stat().st_mode & 0o005 != 0o005:
             print(f"warning   {d} is not readable by every user: xxshard and xxgate "
