@@ -2,6 +2,7 @@ from xxnode.policy.swap_victims import (
     JobMemory,
     choose_precleans,
     choose_victims,
+    class_ceilings,
     clean_release_order,
 )
 
@@ -71,3 +72,33 @@ def test_clean_memory_is_released_in_reclaim_order_over_what_each_job_holds_clea
         ("prof", 48 * MiB),
     ]
     assert clean_release_order(jobs, {}, 80 * MiB, top_rank=2) == []
+
+
+RANKS = {"low": 0, "mid": 1, "top": 2}
+
+
+def test_ceilings_share_the_slack_above_target_and_spare_the_top_class():
+    got = class_ceilings({"low": 500 * MiB, "mid": 100 * MiB}, RANKS, 300 * MiB, 100 * MiB)
+    assert got == {"low": 600 * MiB, "mid": 200 * MiB}
+    assert "top" not in got
+
+
+def test_ceilings_hold_lower_classes_where_they_are_under_the_target():
+    got = class_ceilings({"low": 500 * MiB}, RANKS, 40 * MiB, 100 * MiB)
+    assert got == {"low": 500 * MiB, "mid": 0}
+
+
+def test_a_class_filling_alone_converges_on_the_target_without_overshoot():
+    """Re-computed after each growth step, the class may take its share of what is left
+    above the target each time, never more: free memory approaches the target from above."""
+    total, target, cur = 1000 * MiB, 100 * MiB, {"low": 0, "mid": 0}
+    for _ in range(30):
+        ceiling = class_ceilings(cur, RANKS, total - sum(cur.values()), target)["low"]
+        cur["low"] = ceiling  # it grows as far as it is let
+        assert total - sum(cur.values()) >= target
+    assert total - sum(cur.values()) < target + MiB
+
+
+def test_a_single_class_below_the_top_takes_all_the_slack():
+    got = class_ceilings({"low": 0}, {"low": 0, "top": 1}, 300 * MiB, 100 * MiB)
+    assert got == {"low": 200 * MiB}

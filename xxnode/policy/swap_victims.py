@@ -83,3 +83,19 @@ def clean_release_order(
     (lowest class, waiting, largest, newest), over what each job holds clean."""
     holding = [replace(j, resident_bytes=clean.get(j.job_id, 0)) for j in jobs]
     return choose_victims(holding, need_bytes, top_rank)
+
+
+def class_ceilings(
+    current: Mapping[str, int], ranks: Mapping[str, int], available: int, target: int
+) -> dict[str, int]:
+    """memory.high for every class below the top: what it holds now plus an equal share of
+    the free memory above ``target``. A lower class that grows past it reclaims its own
+    pages (its allocations wait), so it cannot eat the free target a higher class arrives
+    into; the shares sum to the slack, so classes growing at once do not overshoot it either.
+    Under the target the share is 0: a lower class may not grow at all without paying.
+    Re-computed every wake-up, a class's ceiling rises as reclaim or an ending job frees
+    memory and falls as a higher class grows."""
+    top = max(ranks.values(), default=0)
+    below = [c for c, r in ranks.items() if r < top]
+    share = max(available - target, 0) // len(below) if below else 0
+    return {c: current.get(c, 0) + share for c in below}
