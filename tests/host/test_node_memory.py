@@ -16,4 +16,4 @@ def test_memory_report_and_status_name_the_degraded_modes(daemon):
     assert m["reclaims"] == []
     human = subprocess.run(["xxctl", "memory"], env=daemon.env(), capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
-    assert "watching only" in human and "CLASS" in human
+    assert "watching only" in human and "CEILING" in human

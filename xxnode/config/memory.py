@@ -18,6 +18,7 @@ KEYS = (
     Key("tick_s", "seconds", 1.0, "periodic wake-up: the fallback, and the only path without PSI", least=0.001),
     Key("quiet_s", "seconds", 5.0, "pressure-free time before swapped jobs are prefetched and thawed", least=0),
     Key("prefetch", "bool", True, "fault swapped jobs back in (process_madvise WILLNEED), highest class first, once pressure has passed"),
+    Key("class_ceilings", "bool", False, "memory.high on every class below the top at its memory plus its share of the free memory above target_free_fraction, re-set every wake-up: a lower class growing into the free target pays for its own reclaim, so a higher class arrives to free pages; only while swap has room for what it would push out. Off by default: in tools/bench_memory it holds free memory at the target during a fill but gave no gain in the high class's slowdown and one 4.4x run in six (docs/memory.md)"),
     Key("freeze_swapped", "bool", False, "freeze a job reclaimed from until quiet_s has passed, so it cannot fault its pages back meanwhile"),
     Key("clean_reserve_fraction", "float", 0.0, "low-class memory (fraction of RAM) kept resident but clean — written to swap once, read back — so a higher class can be given it without waiting for the write; 0 (the default: it showed no gain in tools/bench_memory, where the overcommit fills half the swap before it can grow) turns it off", least=0, most=1),
     Key("clean_chunk", "bytes", 4 * MiB, "the unit in which memory is made clean: written, read back and later released as one range; small enough to find resident runs in a job that is partly swapped already", least=1 << 20),
@@ -37,6 +38,7 @@ class MemoryConfig:
     tick_s: float = 1.0
     quiet_s: float = 5.0
     prefetch: bool = True
+    class_ceilings: bool = False
     freeze_swapped: bool = False
     clean_reserve_fraction: float = 0.0
     clean_chunk: int = 4 * MiB

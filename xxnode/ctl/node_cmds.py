@@ -208,12 +208,13 @@ def cmd_memory(args) -> int:
         f"trigger {m['trigger']}; eBPF {m['ebpf'] or 'none'}"
     )
     print(f"\n{'CLASS':<10} {'JOBS':>4} {'MEMORY':>8} {'SWAP':>8} {'ZSWAP':>8} "
-          f"{'RECLAIMED':>10} {'PSI10':>6} {'OOM_ADJ':>7}")  # fmt: skip
+          f"{'RECLAIMED':>10} {'PSI10':>6} {'OOM_ADJ':>7} {'CEILING':>8}")  # fmt: skip
     for name, pc in m["classes"].items():
         print(
             f"{name:<10} {pc['jobs']:>4} {_mib(pc['memory']):>8} {_mib(pc['swap']):>8} "
             f"{_mib(pc['zswapped']):>8} {_mib(pc['reclaimed_total']):>10} "
-            f"{pc.get('psi_some_avg10', 0.0):>6.2f} {pc['oom_score_adj']:>7}"
+            f"{pc.get('psi_some_avg10', 0.0):>6.2f} {pc['oom_score_adj']:>7} "
+            f"{_mib(pc.get('ceiling')):>8}"  # memory.high we set; '-' is max
         )
     if idle := m.get("idle_environments"):  # below every class: reclaimed first
         print(

@@ -30,3 +30,10 @@ def vmstat() -> dict[str, int]:
         key, _, value = line.partition(" ")
         out[key] = int(value)
     return out
+
+
+def swap_written() -> int:
+    """Bytes written to swap since boot, the device's and zswap's together: what a push-out
+    cost, as opposed to what it freed (a clean page is dropped without a write)."""
+    v = vmstat()
+    return (v.get("pswpout", 0) + v.get("zswpout", 0)) * 4096

@@ -36,6 +36,18 @@ Constants, each with its reason:
   max_chunk     the largest single memory.reclaim write (64 MiB): the write blocks until
                 done, so big requests are split and the state re-read between them — a
                 PSI event or a finished job changes what is needed.
+  class_ceilings  off by default: memory.high on every class below the top, at what it
+                holds plus an equal share of the free memory above target_free (policy.
+                swap_victims.class_ceilings), re-set every wake-up. Our own reclaim runs after
+                the fact, at the speed of one writer; with the ceiling a filling low class's
+                own allocations reclaim its own pages and wait (senpai's and TMO's way), so
+                free memory stays at the target while it fills and our reclaim halves. But in
+                tools/bench_memory it did not improve the high class's median slowdown (1.28x
+                against 1.02x without, settle 20; 1.19x against 1.14x, settle 0) and gave one
+                4.4x run in six, so it is opt-in. Only while swap has room for max_chunk:
+                without somewhere to put its pages a class at its ceiling would be throttled
+                instead of growing, where the OOM order (lowest class first) is the better
+                answer.
   quiet_s       pressure-free time before prefetching and thawing (5 s): swapping back in
                 while the high class still grows would only swap out again.
   clean_reserve  off by default (0): measured in tools/bench_memory it gave no gain, because
@@ -78,6 +90,7 @@ from xxnode.policy.swap_victims import (
     JobMemory,
     choose_precleans,
     choose_victims,
+    class_ceilings,
     clean_release_order,
 )
 
@@ -93,11 +106,6 @@ IDLE_RANK = -1
 # freed; looking every 50 ms acts with half of it left. A read of /proc/meminfo costs
 # tens of microseconds.
 WATCH_S = 0.05
-
-
-def _swap_writes() -> int:
-    v = meminfo.vmstat()
-    return (v.get("pswpout", 0) + v.get("zswpout", 0)) * PAGE
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,7 @@ class MemoryManager:
         self._cpu_seen: dict[str, int] = {}
         self._adjusted: set[int] = set()
         self._frozen: dict[str, Cgroup] = {}  # job id -> its frozen leaf
+        self.ceilings: dict[str, int | None] = {}  # class -> memory.high written (None: max)
         self._last_pressure = float("-inf")
         self._last_write_need = float("-inf")  # last time reclaim had to write (not just drop)
         self._wake: asyncio.Event | None = None
@@ -233,6 +242,7 @@ class MemoryManager:
                 ("memory.zswap.max", "0" if top else "max"),
                 ("memory.zswap.writeback", "1"),
                 ("memory.low", "max" if top else "0"),
+                ("memory.high", "max"),  # a ceiling left by a daemon that died is lifted
             ):
                 if not cg.has(knob):
                     continue
@@ -395,6 +405,40 @@ class MemoryManager:
                 self._frozen[job.job_id] = leaf
         return ev.reclaimed
 
+    def _set_ceilings(self, s: Sample) -> None:
+        """Re-set the lower classes' memory.high from this wake-up's MemAvailable and what
+        each class holds now (read just before the write, so a ceiling is never put under
+        a class's memory: a write below it would reclaim, here, synchronously)."""
+        if not self.cfg.class_ceilings:
+            return
+        mi = meminfo.meminfo()
+        room = mi.get("SwapFree", 0) >= self.cfg.max_chunk
+        below = [c for c, r in self.ranks.items() if r < self.top_rank]
+        current = {}
+        for c in below:
+            with contextlib.suppress(CgroupError):
+                current[c] = self.root.child(c).read_int("memory.current") or 0
+        target = int(s.total * self.cfg.target_free_fraction)
+        for c, value in class_ceilings(current, self.ranks, s.available, target).items():
+            want = value if room and c in current else None
+            old = self.ceilings.get(c)
+            if want == old or (want and old and abs(want - old) < MiB):
+                continue
+            try:
+                self.root.child(c).write("memory.high", "max" if want is None else want)
+                self.ceilings[c] = want
+            except CgroupError as e:
+                log.warning("memory.high on %s: %s", c, e)
+
+    def lift_ceilings(self) -> None:
+        """memory.high back to max: a node that stops managing memory must not leave its
+        lower classes throttled."""
+        for c, v in list(self.ceilings.items()):
+            if v is not None:
+                with contextlib.suppress(CgroupError):
+                    self.root.child(c).write("memory.high", "max")
+            self.ceilings[c] = None
+
     def _release_clean(self, s: Sample, woke_at: float | None) -> int:
         """Under the free target, clean memory goes first, PSI or not: it costs no write,
         so there is no reason to wait for stalls before giving it up."""
@@ -439,9 +483,9 @@ class MemoryManager:
             me = os.getpid()
             proc.pageout(me, [(addr, n)])
             proc.read_range(me, addr, n)
-            w0 = _swap_writes()
+            w0 = meminfo.swap_written()
             proc.pageout(me, [(addr, n)])
-            written = _swap_writes() - w0
+            written = meminfo.swap_written() - w0
         except OSError as e:
             return f"clean-reserve-off: probe failed ({e.strerror})"
         finally:
@@ -575,6 +619,7 @@ class MemoryManager:
             if need := self.need(s, psi_woke):
                 self._evict_idle(need)
             return False
+        self._set_ceilings(s)
         if freed := self._release_clean(s, woke_at):
             self._last_pressure = s.at
             s = dataclasses.replace(s, available=s.available + freed)
@@ -702,6 +747,7 @@ class MemoryManager:
             for t in (watcher, precleaner):
                 if t:
                     await asyncio.to_thread(t.join)
+            self.lift_ceilings()
 
     # -- exposure ----------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -725,6 +771,7 @@ class MemoryManager:
             pc.setdefault("clean", 0)
             pc["reclaimed_total"] = self.stats.reclaimed_by_class.get(c, 0)
             pc["oom_score_adj"] = self.oom_adj(c)
+            pc["ceiling"] = self.ceilings.get(c)  # memory.high we set (None: max, or top)
             with contextlib.suppress(OSError, KeyError):
                 pc["psi_some_avg10"] = psi.read_pressure(
                     self.root.child(c).path / "memory.pressure"
