@@ -137,13 +137,19 @@ def test_high_class_keeps_its_speed_on_a_saturated_node(spin, tmp_path):
         print(f"{probe_cls}/{load_cls}: alone {alone:.1f} ms, loaded {loaded:.1f} ms")
         return loaded / alone
 
-    xx = measure(
-        '[[class]]\nname="high"\nprice=2.0\npriority=30\n'
-        '[[class]]\nname="low"\nprice=0.5\npolicy="batch"\n',
-        "high",
-        "low",
-    )
-    ps = measure('[[class]]\nname="all"\nprice=1.0\npolicy="other"\n', "all", "all")
+    # up to three rounds: under TCG a round whose spinners the host starves shows no
+    # contention even without classes (one CI run: processor sharing 1.12x), and says
+    # nothing about the ordering; a round where the baseline does show it is the measurement
+    for _ in range(3):
+        xx = measure(
+            '[[class]]\nname="high"\nprice=2.0\npriority=30\n'
+            '[[class]]\nname="low"\nprice=0.5\npolicy="batch"\n',
+            "high",
+            "low",
+        )
+        ps = measure('[[class]]\nname="all"\nprice=1.0\npolicy="other"\n', "all", "all")
+        if ps >= 1.5:
+            break
     print(
         f"VM slowdown: XX {xx:.2f}x, processor sharing {ps:.2f}x ({ncpu} CPUs, {2 * ncpu} spinners)"
     )
